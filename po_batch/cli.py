@@ -1,0 +1,130 @@
+"""The po-batch command line: run, status, verify, demo. Exit codes: 0 done, 1 failed, 2 usage or config
+error, 3 stopped by a signal with work left."""
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from po_batch.config import ConfigError, load_config
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Score image corpora with Qwen-VL models, prefill only: one forward pass per row.")
+
+ConfigArg = Annotated[Path, typer.Argument(help="The run's config.yaml.", show_default=False)]
+
+
+def _fail(code: int, msg: str):
+    typer.echo(f"po-batch: {msg}", err=True)
+    raise typer.Exit(code)
+
+
+def _config(path: Path):
+    try:
+        return load_config(path)
+    except ConfigError as e:
+        _fail(2, str(e))
+
+
+def _user_errors():
+    """Errors that mean the user's input or setup is wrong (exit 2), as opposed to a failure mid-run (exit 1)."""
+    from po_batch.data.plan import PlanError
+    from po_batch.models.loader import ModelError
+    from po_batch.prep.prompt import PromptError
+
+    return ConfigError, PlanError, ModelError, PromptError
+
+
+def _parse_shard(shard: str | None) -> tuple[int, int] | None:
+    if shard is None:
+        return None
+    try:
+        i, n = (int(x) for x in shard.split("/"))
+        if not 0 <= i < n:
+            raise ValueError
+    except ValueError:
+        _fail(2, f"--shard: expected I/N with 0 <= I < N (got {shard!r})")
+    return i, n
+
+
+@app.command()
+def run(config: ConfigArg,
+        restart: Annotated[bool, typer.Option("--restart", help="Discard the output's plan and results first.")] = False,
+        shard: Annotated[str | None, typer.Option(help="Static slice I/N of the units, without claims "
+                                                       "(for filesystems without atomic create).")] = None):
+    """Run or resume scoring: plan the inputs once, claim units, score them, commit each as a Parquet part."""
+    from po_batch import pipeline
+
+    cfg = _config(config)
+    try:
+        code = pipeline.run(cfg, restart=restart, shard=_parse_shard(shard))
+    except _user_errors() as e:
+        _fail(2, str(e))
+    except KeyboardInterrupt:
+        _fail(3, "interrupted")
+    raise typer.Exit(code)
+
+
+@app.command()
+def status(target: Annotated[Path, typer.Argument(help="A config.yaml or an output directory.", show_default=False)],
+           as_json: Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")] = False):
+    """Units done/pending/claimed, rows, errors, rate and ETA, read from the output directory's files alone."""
+    from po_batch.data.plan import PlanError
+    from po_batch.data.status import read_status
+
+    out, ttl = str(target), 300.0
+    if target.is_file():
+        cfg = _config(target)
+        out, ttl = cfg.output.path, cfg.run.claim_ttl_s
+    try:
+        st = read_status(out, ttl)
+    except PlanError as e:
+        _fail(2, str(e))
+    if as_json:
+        typer.echo(json.dumps(st, indent=2))
+        return
+    eta = "unknown" if st["eta_s"] is None else f"{st['eta_s'] / 60:.1f} min"
+    rate = "unknown" if st["rate_rows_per_s"] is None else f"{st['rate_rows_per_s']:.1f} rows/s"
+    kinds = ", ".join(f"{k} {n}" for k, n in st["error_kinds"].items()) or "none"
+    typer.echo(f"output   {st['output']}\n"
+               f"units    {st['units_done']}/{st['units_total']} done, {st['units_claimed']} claimed, "
+               f"{st['units_pending']} pending\n"
+               f"rows     {st['rows_done']}/{st['rows_total']} done, {st['rows_errored']} with errors ({kinds})\n"
+               f"rate     {rate}, eta {eta}")
+
+
+@app.command()
+def verify(config: ConfigArg,
+           rows: Annotated[int, typer.Option(help="How many rows of the corpus to compare.")] = 16):
+    """Compare po-batch with transformers' implementation of the same checkpoint on the corpus's first rows."""
+    import torch
+
+    from po_batch.config import resolved_device, resolved_dtype
+    from po_batch.verify import verify as run_verify
+
+    cfg = _config(config)
+    try:
+        device = resolved_device(cfg, torch.cuda.is_available())
+        code = run_verify(cfg, rows, device, resolved_dtype(cfg, device))
+    except _user_errors() as e:
+        _fail(2, str(e))
+    raise typer.Exit(code)
+
+
+@app.command()
+def demo(directory: Annotated[Path, typer.Argument(help="Where to build the demo.")] = Path("demo"),
+         rows: Annotated[int, typer.Option(help="Rows in the synthetic corpus.")] = 2000):
+    """Build a tiny random Qwen3-VL and a synthetic corpus with planted bad rows, then run po-batch on it (CPU)."""
+    from po_batch.demo import run_demo
+
+    raise typer.Exit(run_demo(directory, rows))
+
+
+def main():
+    app(prog_name="po-batch")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,400 @@
+"""The schema of config.yaml: loading (YAML 1.2 booleans, safe loader), validation with errors that
+name the key, path resolution, the results fingerprint and the derived device/dtype/worker values."""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+from pathlib import Path
+from string import Formatter
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+
+NonEmptyStr = Annotated[str, Field(min_length=1)]
+Dtype = Literal["auto", "bfloat16", "float16", "float32"]
+Device = Literal["auto", "cuda", "cpu"]
+
+
+class ConfigError(Exception):
+    """A user-facing config problem; str() is one line that starts with the key (or the file)."""
+
+
+class _FieldError(ValueError):
+    """Raised inside validators to point at `key`, dotted and relative to the model that raises it."""
+
+    def __init__(self, key: str, msg: str):
+        super().__init__(msg)
+        self.key = key
+        self.msg = msg
+
+
+# --- YAML ---------------------------------------------------------------------------------------
+
+_BOOL_TAG = "tag:yaml.org,2002:bool"
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader with YAML 1.2 booleans: only true/false are booleans, so `yes: yes` stays strings.
+    Duplicate keys are an error instead of the last one silently winning."""
+
+    yaml_implicit_resolvers = {
+        ch: [(tag, rx) for tag, rx in resolvers if tag != _BOOL_TAG]
+        for ch, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+    }
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+                if key_node.value in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {key_node.value!r}", key_node.start_mark)
+                seen.add(key_node.value)
+        return super().construct_mapping(node, deep)
+
+
+_Loader.add_implicit_resolver(_BOOL_TAG, re.compile(r"^(?:true|false)$", re.IGNORECASE), list("tTfF"))
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read ({e})") from None
+    try:
+        data = yaml.load(text, Loader=_Loader)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{path}: invalid YAML{where}: {e.problem or e.context}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML: {e}") from None
+    if data is None:
+        raise ConfigError(f"{path}: the file is empty")
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections "
+                          f"(model, input, task, ...), got a {type(data).__name__}")
+    return data
+
+
+# --- paths ---------------------------------------------------------------------------------------
+
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def _local(path: str, base: Path | None) -> str:
+    """Resolve a local path (or glob) against the config file's folder; URLs stay as they are."""
+    if _URL.match(path):
+        return path
+    p = Path(path).expanduser()
+    if base is not None and not p.is_absolute():
+        p = base / p
+    return os.path.normpath(p)
+
+
+def _base(info: ValidationInfo) -> Path | None:
+    return (info.context or {}).get("base_dir")
+
+
+# --- schema --------------------------------------------------------------------------------------
+
+class _Section(BaseModel):
+    # strict: YAML already gives typed values; don't turn `true` into 1 or "12" into 12
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class ModelConfig(_Section):
+    path: NonEmptyStr
+    dtype: Dtype = "auto"
+    device: Device = "auto"
+
+    @field_validator("path")
+    @classmethod
+    def _resolve(cls, v: str, info: ValidationInfo) -> str:
+        # A relative path could also be a hub id ("Qwen/Qwen3-VL-2B-Instruct"): it is a local dir
+        # only when written as one ("./", "../", "~") or when that dir exists beside the config.
+        base = _base(info)
+        if base is None or _URL.match(v) or Path(v).is_absolute():
+            return v
+        if v.startswith(("./", "../", "~")) or (base / v).is_dir():
+            return _local(v, base)
+        return v
+
+
+class InputConfig(_Section):
+    paths: Annotated[list[NonEmptyStr], Field(min_length=1)]
+    id_column: NonEmptyStr = "id"
+    image_column: NonEmptyStr | None = "image"
+    columns: list[NonEmptyStr] = []
+
+    @field_validator("paths", mode="before")
+    @classmethod
+    def _one_path(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str) else v
+
+    @field_validator("paths")
+    @classmethod
+    def _resolve(cls, v: list[str], info: ValidationInfo) -> list[str]:
+        return [_local(p, _base(info)) for p in v]
+
+    @model_validator(mode="after")
+    def _check(self) -> InputConfig:
+        seen = set()
+        for c in self.columns:
+            if c in seen:
+                raise _FieldError("columns", f"{c!r} is listed twice")
+            seen.add(c)
+        if self.id_column in seen:
+            raise _FieldError("columns", f"{self.id_column!r} is the id column (input.id_column); "
+                                         "it is copied to the output already")
+        if self.image_column is not None:
+            if self.image_column == self.id_column:
+                raise _FieldError("image_column", f"{self.image_column!r} is also the id column")
+            if self.image_column in seen:
+                raise _FieldError("columns", f"{self.image_column!r} is the image column "
+                                             "(input.image_column); it cannot be a passthrough column")
+        return self
+
+
+class TaskConfig(_Section):
+    type: Literal["yes_no"] = "yes_no"
+    prompt: NonEmptyStr
+    yes: NonEmptyStr = "yes"
+    no: NonEmptyStr = "no"
+
+    @model_validator(mode="after")
+    def _check(self) -> TaskConfig:
+        if self.yes == self.no:
+            raise _FieldError("no", f"must differ from task.yes (both {self.yes!r})")
+        return self
+
+
+class ImageConfig(_Section):
+    min_pixels: Annotated[int, Field(ge=1)] | None = None
+    max_pixels: Annotated[int, Field(ge=1)] | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> ImageConfig:
+        if self.min_pixels is not None and self.max_pixels is not None and self.min_pixels > self.max_pixels:
+            raise _FieldError("min_pixels", f"must not exceed image.max_pixels "
+                                            f"(got {self.min_pixels} > {self.max_pixels})")
+        return self
+
+
+class OutputConfig(_Section):
+    path: NonEmptyStr
+
+    @field_validator("path")
+    @classmethod
+    def _resolve(cls, v: str, info: ValidationInfo) -> str:
+        return _local(v, _base(info))
+
+
+class RunConfig(_Section):
+    batch_tokens: Annotated[int, Field(ge=256)] = 16384
+    workers: int | Literal["auto"] = "auto"  # 0 = prep in the main process
+    rows_per_unit: Annotated[int, Field(ge=1)] = 4096
+    claim_ttl_s: Annotated[float, Field(gt=0)] = 300
+    log_every_s: Annotated[float, Field(gt=0)] = 30
+
+    @field_validator("workers", mode="before")
+    @classmethod
+    def _workers(cls, v: Any) -> Any:
+        if v == "auto" or (type(v) is int and v >= 0):
+            return v
+        raise ValueError(f"must be 'auto' or an integer >= 0 (got {_show(v)})")
+
+
+class Config(_Section):
+    model: ModelConfig
+    input: InputConfig
+    task: TaskConfig
+    image: ImageConfig = Field(default_factory=ImageConfig)
+    output: OutputConfig
+    run: RunConfig = Field(default_factory=RunConfig)
+
+    @model_validator(mode="after")
+    def _check_prompt(self) -> Config:
+        allowed = [self.input.id_column, *self.input.columns]
+        have = ", ".join(self.input.columns) or "none"
+        prompt = self.task.prompt
+        try:
+            fields = [f for _, f, _, _ in Formatter().parse(prompt) if f is not None]
+        except ValueError as e:
+            raise _FieldError("task.prompt", f"{e}; write {{{{ or }}}} for a literal brace") from None
+        for f in fields:
+            if f == "" or f.isdigit():
+                raise _FieldError("task.prompt", f"{{{f}}} has no name; write a column name, e.g. {{category}}")
+            if f not in allowed and re.search(r"[.\[]", f):
+                raise _FieldError("task.prompt", f"{{{f}}}: only plain column names are allowed in braces")
+            if f not in allowed:
+                raise _FieldError("task.prompt", f"{{{f}}} is not a column; add it to input.columns (have: {have})")
+        try:
+            prompt.format_map({c: _Blank() for c in allowed})
+        except KeyError as e:  # a field nested in a format spec, e.g. {category:{width}}
+            raise _FieldError("task.prompt", f"{{{e.args[0]}}} is not a column; "
+                                             f"add it to input.columns (have: {have})") from None
+        except (ValueError, IndexError) as e:
+            raise _FieldError("task.prompt", f"does not format: {e}") from None
+        return self
+
+
+class _Blank:
+    """Stands in for a row value when checking that the prompt formats; accepts any format spec."""
+
+    def __format__(self, spec: str) -> str:
+        return ""
+
+
+# --- loading and errors ----------------------------------------------------------------------------
+
+_TYPE_NAMES = {
+    "string_type": "a string", "int_type": "an integer", "float_type": "a number",
+    "bool_type": "true or false", "list_type": "a list", "dict_type": "a mapping",
+    "model_type": "a mapping of keys", "model_attributes_type": "a mapping of keys",
+}
+
+
+def _show(v: Any) -> str:
+    """A value as the user wrote it in YAML, short."""
+    if v is None:
+        return "null"
+    if isinstance(v, bool):
+        return str(v).lower()
+    if isinstance(v, float) and v.is_integer():
+        v = int(v)
+    s = repr(v)
+    return s if len(s) <= 60 else s[:57] + "..."
+
+
+def _dotted(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _fields_of(loc: tuple) -> list[str]:
+    model: type[BaseModel] = Config
+    for part in loc:
+        ann = model.model_fields[part].annotation
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return []
+        model = ann
+    return list(model.model_fields)
+
+
+def _message(err: dict) -> str:
+    """One pydantic error as `dotted.key: short message (got value)`."""
+    loc, kind, ctx = tuple(err["loc"]), err["type"], err.get("ctx", {})
+    got = f" (got {_show(err['input'])})"
+    if kind == "value_error":
+        e = ctx["error"]
+        if isinstance(e, _FieldError):
+            loc, msg = loc + tuple(e.key.split(".")), e.msg
+        else:
+            msg = str(e)
+    elif kind == "extra_forbidden":
+        parent, key = loc[:-1], loc[-1]
+        fields = _fields_of(parent)
+        close = difflib.get_close_matches(str(key), fields, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else f" (known: {', '.join(fields)})"
+        return f"{_dotted(parent) or 'config'}: unknown key {key!r}{hint}"
+    elif kind == "missing":
+        msg = "missing required key"
+    elif kind == "greater_than_equal":
+        msg = f"must be at least {_show(ctx['ge'])}{got}"
+    elif kind == "greater_than":
+        msg = f"must be greater than {_show(ctx['gt'])}{got}"
+    elif kind in ("too_short", "string_too_short"):
+        msg = "must not be empty"
+    elif kind == "literal_error":
+        msg = f"must be {ctx['expected']}{got}"
+    elif kind in _TYPE_NAMES:
+        msg = f"expected {_TYPE_NAMES[kind]}{got}"
+    else:
+        msg = err["msg"][:1].lower() + err["msg"][1:] + got
+    return f"{_dotted(loc) or 'config'}: {msg}"
+
+
+def config_from_dict(data: dict, base_dir: str | Path | None = None) -> Config:
+    """Validate an already-parsed config; relative local paths resolve against `base_dir` if given."""
+    context = {"base_dir": Path(base_dir).resolve()} if base_dir is not None else None
+    try:
+        return Config.model_validate(data, context=context)
+    except ValidationError as e:
+        # an unknown key is usually a typo that also causes a "missing" error: report it first
+        errs = sorted(e.errors(), key=lambda err: err["type"] != "extra_forbidden")
+        raise ConfigError(_message(errs[0])) from None
+
+
+def load_config(path: str | Path) -> Config:
+    """Read and validate config.yaml; relative local paths resolve against the file's folder."""
+    path = Path(path)
+    return config_from_dict(_read_yaml(path), base_dir=path.resolve().parent)
+
+
+# --- derived values ------------------------------------------------------------------------------
+
+def resolved_device(cfg: Config, cuda_available: bool) -> str:
+    if cfg.model.device == "auto":
+        return "cuda" if cuda_available else "cpu"
+    if cfg.model.device == "cuda" and not cuda_available:
+        raise ConfigError("model.device: cuda was asked for but no CUDA device is available "
+                          "(use auto or cpu)")
+    return cfg.model.device
+
+
+def resolved_dtype(cfg: Config, device: str) -> str:
+    """The torch dtype name to run in on `device` (as returned by resolved_device)."""
+    if cfg.model.dtype == "auto":
+        return "bfloat16" if device == "cuda" else "float32"
+    if cfg.model.dtype == "float16" and device == "cpu":
+        raise ConfigError("model.dtype: float16 is not supported on cpu (use bfloat16 or float32)")
+    return cfg.model.dtype
+
+
+def workers_count(cfg: Config, cpu_count: int) -> int:
+    """Prep processes to start: 0 means prep runs in the main process."""
+    if cfg.run.workers == "auto":
+        return max(1, cpu_count - 1)
+    return cfg.run.workers
+
+
+# --- fingerprint ---------------------------------------------------------------------------------
+
+def fingerprint(cfg: Config, model_identity: str) -> dict:
+    """Everything that changes results, as flat dotted keys with JSON values. Paths, batch size,
+    workers and device are left out: a resume may move the data or run on another node."""
+    return {
+        "model.identity": model_identity,
+        "model.dtype": cfg.model.dtype,
+        "task.type": cfg.task.type,
+        "task.prompt": cfg.task.prompt,
+        "task.yes": cfg.task.yes,
+        "task.no": cfg.task.no,
+        "image.min_pixels": cfg.image.min_pixels,
+        "image.max_pixels": cfg.image.max_pixels,
+        "input.id_column": cfg.input.id_column,
+        "input.image_column": cfg.input.image_column,
+        "input.columns": list(cfg.input.columns),
+    }
+
+
+def fingerprint_diff(old: dict, new: dict) -> list[str]:
+    """Lines like "task.prompt ('a' -> 'b')" for each key whose value differs."""
+    keys = list(new) + [k for k in old if k not in new]
+    return [f"{k} ({_repr_or_absent(old, k)} -> {_repr_or_absent(new, k)})"
+            for k in keys if old.get(k, _ABSENT) != new.get(k, _ABSENT)]
+
+
+_ABSENT = object()
+
+
+def _repr_or_absent(d: dict, k: str) -> str:
+    return repr(d[k]) if k in d else "absent"

@@ -1,0 +1,1 @@
+"""Plan, claims, readers and the atomic sink: everything po-batch keeps on disk."""

@@ -1,0 +1,50 @@
+"""Attention metadata for the current forward pass, set by the engine and read by the attention layers."""
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Varlen:
+    """Packed sequences: queries of sequence i are rows cu_q[i]:cu_q[i+1], its keys cu_k[i]:cu_k[i+1]."""
+    cu_q: torch.Tensor
+    cu_k: torch.Tensor
+    max_q: int
+    max_k: int
+    lens_q: list[int]
+    lens_k: list[int]
+
+    @classmethod
+    def from_lens(cls, lens_k: list[int], device, lens_q: list[int] | None = None) -> "Varlen":
+        """From per-sequence key lengths (and query lengths, when they differ: queries are the last ones)."""
+        cu_k = _cu(lens_k, device)
+        if lens_q is None:
+            return cls(cu_k, cu_k, max(lens_k, default=0), max(lens_k, default=0), lens_k, lens_k)
+        return cls(_cu(lens_q, device), cu_k, max(lens_q, default=0), max(lens_k, default=0), lens_q, lens_k)
+
+
+def _cu(lens: list[int], device) -> torch.Tensor:
+    cu = torch.zeros(len(lens) + 1, dtype=torch.int32)
+    cu[1:] = torch.tensor(lens, dtype=torch.int32).cumsum(0)
+    return cu.to(device, non_blocking=True)
+
+
+@dataclass
+class Context:
+    text: Varlen | None = None     # causal attention over each packed text sequence
+    last: Varlen | None = None     # one query (the last position) per sequence against all its keys
+    vision: Varlen | None = None   # full attention within each image
+    window: Varlen | None = None   # Qwen2.5-VL window attention within each window
+
+
+_CONTEXT = Context()
+
+
+def get_context() -> Context:
+    return _CONTEXT
+
+
+def set_context(ctx: Context) -> None:
+    global _CONTEXT
+    _CONTEXT = ctx

@@ -1,0 +1,47 @@
+"""MLP variants: SwiGLU-style gated (language models, Qwen2.5-VL vision) and plain two-layer (Qwen2/3-VL vision)."""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from po_batch.layers.linear import MergedLinear
+
+ACTIVATIONS = {
+    "silu": F.silu,
+    "gelu": F.gelu,
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),
+}
+
+
+def activation(name: str):
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unsupported activation {name!r} (supported: {', '.join(ACTIVATIONS)})")
+    return ACTIVATIONS[name]
+
+
+class GatedMLP(nn.Module):
+    """down(act(gate(x)) * up(x)), with gate and up fused into one matmul."""
+
+    def __init__(self, dim: int, hidden: int, act: str, bias: bool = False):
+        super().__init__()
+        self.gate_up_proj = MergedLinear(dim, [hidden, hidden], bias=bias)
+        self.down_proj = nn.Linear(hidden, dim, bias=bias)
+        self.act = activation(act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(self.act(gate) * up)
+
+
+class MLP(nn.Module):
+    """fc2(act(fc1(x))); `names` follow the checkpoint (fc1/fc2 or linear_fc1/linear_fc2)."""
+
+    def __init__(self, dim: int, hidden: int, act: str, out: int | None = None):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, out or dim)
+        self.act = activation(act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))

@@ -1,0 +1,1 @@
+"""Model families (one file each), the registry and the safetensors loader."""

@@ -1,0 +1,61 @@
+"""Which model class serves a checkpoint (by config.json's model_type), and loading one ready to run."""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from po_batch.models import loader
+from po_batch.models.loader import ModelError
+from po_batch.models.qwen2_5_vl import Qwen2_5_VL
+from po_batch.models.qwen2_vl import Qwen2VL
+from po_batch.models.qwen3_vl import Qwen3VL
+from po_batch.models.qwen_text import QwenTextLM
+
+FAMILIES: dict[str, type[nn.Module]] = {
+    "qwen3_vl": Qwen3VL,
+    "qwen2_vl": Qwen2VL,
+    "qwen2_5_vl": Qwen2_5_VL,
+    "qwen2": QwenTextLM,
+    "qwen3": QwenTextLM,
+}
+
+
+def register(model_type: str, cls: type[nn.Module]) -> None:
+    FAMILIES[model_type] = cls
+
+
+@dataclass
+class Checkpoint:
+    dir: Path
+    config: dict
+    family: type[nn.Module]
+
+    @property
+    def is_vision(self) -> bool:
+        return "vision_config" in self.config
+
+    @property
+    def tie(self) -> bool:
+        text = self.config.get("text_config", {})
+        return self.config.get("tie_word_embeddings", text.get("tie_word_embeddings", False))
+
+
+def open_checkpoint(path: str) -> Checkpoint:
+    model_dir = loader.resolve(path)
+    config = loader.read_config(model_dir)
+    model_type = config.get("model_type")
+    if model_type not in FAMILIES:
+        raise ModelError(f"{model_dir}/config.json: model_type {model_type!r} is not supported "
+                         f"(supported: {', '.join(sorted(FAMILIES))})")
+    return Checkpoint(model_dir, config, FAMILIES[model_type])
+
+
+def load_model(ckpt: Checkpoint, dtype: torch.dtype, device: torch.device) -> nn.Module:
+    try:
+        model = loader.build(ckpt.family, ckpt.config, dtype, device)
+    except (KeyError, ValueError) as e:
+        raise ModelError(f"{ckpt.dir}/config.json: {e}") from None
+    loader.load_weights(model, ckpt.dir, ckpt.family.renames, ckpt.family.packed, ckpt.tie)
+    return model

@@ -1,0 +1,108 @@
+"""Parts shared by the Qwen-VL vision towers: patch coordinates, the folded patch embedding, attention blocks, mergers.
+
+Pixels arrive as uint8 patches (N, 3*p*p) already in merge-block order (see prep/patches.py); normalisation and
+the still image's repetition along the temporal axis are folded into the patch-embedding matrix once at load."""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from po_batch.layers.attention import varlen_attention
+from po_batch.layers.context import get_context
+from po_batch.layers.norm import RMSNorm
+from po_batch.layers.rotary import apply_rotary, inv_freq, vision_cos_sin
+
+# transformers 4.4x checkpoints keep the tower at `visual.` and the decoder at `model.`; 4.5x+ nest both under `model.`
+VL_RENAMES = [(r"^visual\.", "model.visual."), (r"^model\.(?!visual|language_model)", "model.language_model.")]
+
+
+def patch_coords(grids: torch.Tensor, merge: int) -> tuple[torch.Tensor, ...]:
+    """For every patch of the packed images, in merge-block order: (row, col, image height, image width) in patches.
+    grids: (n_images, 3) as (t, h, w). One pass on the device, no loop over images."""
+    counts = grids.prod(-1)
+    heights = torch.repeat_interleave(grids[:, 1], counts)
+    widths = torch.repeat_interleave(grids[:, 2], counts)
+    starts = torch.repeat_interleave(counts.cumsum(0) - counts, counts)
+    within = (torch.arange(int(counts.sum()), device=grids.device) - starts) % (heights * widths)
+    blocks_w = widths // merge
+    block, inner = within // (merge * merge), within % (merge * merge)
+    rows = (block // blocks_w) * merge + inner // merge
+    cols = (block % blocks_w) * merge + inner % merge
+    return rows, cols, heights, widths
+
+
+class PatchEmbed(nn.Module):
+    """Conv3d over (temporal, p, p) patches, kept in the checkpoint's shape and applied as one matmul on uint8 input."""
+
+    def __init__(self, channels: int, temporal: int, patch: int, dim: int, bias: bool):
+        super().__init__()
+        self.proj = nn.Conv3d(channels, dim, (temporal, patch, patch), (temporal, patch, patch), bias=bias)
+        self.folded_w: torch.Tensor | None = None
+        self.folded_b: torch.Tensor | None = None
+
+    @torch.no_grad()
+    def fold(self, mean, std) -> None:
+        """A still image repeats on the temporal axis, so the kernel sums over it; (x/255 - mean)/std is affine,
+        so it folds into the weights and bias. Computed in float32, stored in the model dtype."""
+        w = self.proj.weight.float().sum(2)  # (dim, C, p, p)
+        mean = torch.tensor(mean, device=w.device).view(1, -1, 1, 1)
+        std = torch.tensor(std, device=w.device).view(1, -1, 1, 1)
+        b = -(w * (mean / std)).sum((1, 2, 3))
+        if self.proj.bias is not None:
+            b = b + self.proj.bias.float()
+        self.folded_w = (w / (255.0 * std)).flatten(1).to(self.proj.weight.dtype)
+        self.folded_b = b.to(self.proj.weight.dtype)
+
+    def forward(self, patches: torch.Tensor) -> torch.Tensor:
+        return F.linear(patches.to(self.folded_w.dtype), self.folded_w, self.folded_b)
+
+
+class VisionAttention(nn.Module):
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads, self.head_dim = heads, dim // heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x, cos, sin, window: bool = False):
+        q, k, v = self.qkv(x).view(-1, 3, self.heads, self.head_dim).unbind(1)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        ctx = get_context()
+        o = varlen_attention(q, k, v, ctx.window if window else ctx.vision, causal=False)
+        return self.proj(o.reshape(x.shape[0], -1))
+
+
+class VisionBlock(nn.Module):
+    def __init__(self, dim: int, heads: int, mlp: nn.Module, rms: bool = False):
+        super().__init__()
+        norm = (lambda: RMSNorm(dim, 1e-6)) if rms else (lambda: nn.LayerNorm(dim, eps=1e-6))
+        self.norm1, self.norm2 = norm(), norm()
+        self.attn = VisionAttention(dim, heads)
+        self.mlp = mlp
+
+    def forward(self, x, cos, sin, window: bool = False):
+        x = x + self.attn(self.norm1(x), cos, sin, window)
+        return x + self.mlp(self.norm2(x))
+
+
+class Merger(nn.Module):
+    """Groups merge x merge neighbouring patches into one token: norm, then fc1 -> GELU -> fc2.
+    `postshuffle` norms the concatenated group (Qwen3-VL's DeepStack mergers) instead of each patch."""
+
+    def __init__(self, dim: int, merge: int, out: int, rms: bool = False, postshuffle: bool = False):
+        super().__init__()
+        self.group = dim * merge * merge
+        norm_dim = self.group if postshuffle else dim
+        self.norm = RMSNorm(norm_dim, 1e-6) if rms else nn.LayerNorm(norm_dim, eps=1e-6)
+        self.postshuffle = postshuffle
+        self.fc1 = nn.Linear(self.group, self.group)
+        self.fc2 = nn.Linear(self.group, out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.norm(x.view(-1, self.group)) if self.postshuffle else self.norm(x).view(-1, self.group)
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+def rope_tables(rows: torch.Tensor, cols: torch.Tensor, head_dim: int, theta: float = 10000.0):
+    """cos/sin (N, head_dim) of the 2-D vision rope for patches at (rows, cols)."""
+    return vision_cos_sin(rows, cols, inv_freq(head_dim // 2, theta, rows.device))

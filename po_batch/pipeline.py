@@ -1,0 +1,194 @@
+"""Wires the stages of `po-batch run`: plan -> claim -> read -> prep pool -> engine -> sink, with progress and signals.
+
+The main thread scores; the prep pool's feeder thread reads and claims units just ahead of it; a writer thread
+commits finished units. SIGTERM/SIGINT/SIGUSR1 stop claiming, let claimed units finish and commit, and exit 3."""
+
+import collections
+import os
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+
+from po_batch.config import Config, fingerprint, resolved_device, resolved_dtype, workers_count
+from po_batch.data.claims import Claims, default_owner
+from po_batch.data.parquet import check_unique_ids, read_unit, resolve_path
+from po_batch.data.plan import Plan, Unit, load_or_create_plan
+from po_batch.data.sink import clean_orphans, commit_unit, is_done
+from po_batch.engine.heads import yes_no_columns
+from po_batch.prep.pool import Prep, PrepPool, RowError
+from po_batch.progress import Progress
+from po_batch.scorer import Scorer, open_scorer
+
+EXIT_DONE, EXIT_FAILED, EXIT_USAGE, EXIT_STOPPED = 0, 1, 2, 3
+
+
+@dataclass
+class UnitState:
+    unit: Unit
+    started_at: float
+    pieces: list[pa.RecordBatch] = field(default_factory=list)
+    logits: np.ndarray | None = None
+    errors: list[str | None] = field(default_factory=list)
+    kinds: collections.Counter = field(default_factory=collections.Counter)
+    left: int = 0
+
+    def __post_init__(self):
+        self.logits = np.full((self.unit.rows, 2), np.nan, dtype=np.float32)
+        self.errors = [None] * self.unit.rows
+        self.left = self.unit.rows
+
+
+@dataclass
+class RunStats:
+    rows: int = 0
+    errors: collections.Counter = field(default_factory=collections.Counter)
+    units: int = 0
+
+
+class Runner:
+    def __init__(self, cfg: Config, scorer: Scorer, plan: Plan, shard: tuple[int, int] | None):
+        self.cfg, self.scorer, self.plan, self.shard = cfg, scorer, plan, shard
+        self.out = cfg.output.path
+        self.owner = default_owner()
+        self.claims = None if shard else Claims(self.out, self.owner, cfg.run.claim_ttl_s)
+        self.stopping = False
+        self.stats = RunStats()
+        self.writer = ThreadPoolExecutor(1, thread_name_prefix="po-batch-writer")
+        self.commits = []
+
+    # --- reading (runs in the prep pool's feeder thread) ---------------------------------------
+
+    def candidates(self) -> list[Unit]:
+        i, n = self.shard or (0, 1)
+        return [u for k, u in enumerate(self.plan.units) if k % n == i and not is_done(self.out, u.id)]
+
+    def rows(self):
+        """(key, (image, fields)) for every row of every unit this worker claims, claiming lazily."""
+        inp = self.cfg.input
+        columns = [inp.id_column, *inp.columns] + ([inp.image_column] if inp.image_column else [])
+        for unit in self.candidates():
+            if self.stopping:
+                return
+            if self.claims and not self.claims.try_claim(unit.id):
+                continue
+            if is_done(self.out, unit.id):  # committed by another worker since we listed
+                self.claims and self.claims.release(unit.id)
+                continue
+            st = UnitState(unit, time.time())
+            ids = []
+            for batch in read_unit(unit, columns):
+                st.pieces.append(batch.select([inp.id_column, *inp.columns]))
+                ids.extend(batch.column(inp.id_column).to_pylist())
+                check_unique_ids(ids, unit, inp.id_column)
+                fields = {c: batch.column(c).to_pylist() for c in [inp.id_column, *inp.columns]}
+                images = batch.column(inp.image_column).to_pylist() if inp.image_column else [None] * batch.num_rows
+                base = len(ids) - batch.num_rows
+                for j, image in enumerate(images):
+                    if isinstance(image, str):
+                        image = resolve_path(image, unit.file)
+                    yield (st, base + j), (image, {c: v[j] for c, v in fields.items()})
+
+    # --- scoring (main thread) -------------------------------------------------------------------
+
+    def run(self, progress: Progress) -> int:
+        pool = PrepPool(self.scorer.prep, self.scorer.workers, inflight=max(256, 4 * self.cfg.run.batch_tokens // 64))
+        pending, tokens = [], 0
+        if self.claims:
+            self.claims.start_heartbeat(max(1.0, self.cfg.run.claim_ttl_s / 10))
+        try:
+            for (st, i), result in pool.map(self.rows()):
+                if isinstance(result, RowError):
+                    st.errors[i] = str(result)
+                    st.kinds[result.kind] += 1
+                    self.finish_rows([(st, i)], progress)
+                    continue
+                pending.append((st, i, result))
+                tokens += result.tokens
+                if tokens >= self.cfg.run.batch_tokens:
+                    self.score(pending, progress)
+                    pending, tokens = [], 0
+            self.score(pending, progress)
+            for f in self.commits:
+                f.result()
+        finally:
+            pool.close()
+            self.writer.shutdown(wait=True)
+            if self.claims:
+                self.claims.stop_heartbeat()
+                self.claims.release_all()
+        left = [u for u in self.plan.units if not is_done(self.out, u.id)]
+        return EXIT_STOPPED if self.stopping and left else EXIT_DONE
+
+    def score(self, pending, progress: Progress) -> None:
+        if not pending:
+            return
+        logits = self.scorer.engine.score([s for _, _, s in pending])
+        for (st, i, _), row in zip(pending, logits):
+            st.logits[i] = row
+        self.finish_rows([(st, i) for st, i, _ in pending], progress)
+
+    def finish_rows(self, done: list, progress: Progress) -> None:
+        errors = 0
+        for st, i in done:
+            st.left -= 1
+            errors += st.errors[i] is not None
+            if st.left == 0:
+                self.commits.append(self.writer.submit(self.commit, st))
+        self.stats.rows += len(done)
+        progress.advance(len(done), errors)
+
+    def commit(self, st: UnitState) -> None:
+        table = pa.Table.from_batches(st.pieces) if st.pieces else None
+        failed = np.array([e is not None for e in st.errors])
+        for name, values in yes_no_columns(st.logits).items():
+            table = table.append_column(name, pa.array(values, mask=failed))
+        table = table.append_column("error", pa.array(st.errors, pa.string()))
+        commit_unit(self.out, st.unit.id, table, {
+            "rows": st.unit.rows, "errors": int(failed.sum()), "error_kinds": dict(st.kinds),
+            "started_at": st.started_at, "finished_at": time.time(), "owner": self.owner})
+        if self.claims:
+            self.claims.release(st.unit.id)
+        self.stats.units += 1
+        self.stats.errors.update(st.kinds)
+
+
+def run(cfg: Config, restart: bool = False, shard: tuple[int, int] | None = None) -> int:
+    """`po-batch run`: plan or resume, score every unclaimed unit, commit each; returns the exit code."""
+    import torch
+
+    device = resolved_device(cfg, torch.cuda.is_available())
+    dtype = resolved_dtype(cfg, device)
+    scorer = open_scorer(cfg, device, dtype, workers_count(cfg, len(os.sched_getaffinity(0))), load=False)
+    fp = fingerprint(cfg, scorer.identity) | {"model.dtype": dtype}
+    plan = load_or_create_plan(cfg.output.path, cfg.input.paths, cfg.run.rows_per_unit, fp, restart)
+    clean_orphans(cfg.output.path)
+    runner = Runner(cfg, scorer, plan, shard)
+    todo = runner.candidates()
+    if not todo:
+        print(f"nothing to do: all {len(plan.units)} units of {cfg.output.path} are done")
+        return EXIT_DONE
+    scorer.load()
+    progress = Progress(sum(u.rows for u in todo), cfg.run.log_every_s)
+    previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)}
+
+    def on_signal(signum, _frame):
+        if runner.stopping and signum == signal.SIGINT:
+            os._exit(130)  # a second Ctrl-C aborts at once; our claims expire (or are seen dead) later
+        runner.stopping = True
+        progress.note(f"{signal.Signals(signum).name}: finishing claimed units, then stopping")
+
+    for s in previous:
+        signal.signal(s, on_signal)
+    started = time.time()
+    try:
+        code = runner.run(progress)
+    finally:
+        progress.close()
+        for s, h in previous.items():
+            signal.signal(s, h)
+    progress.summary(runner.stats, time.time() - started, cfg.output.path, code)
+    return code

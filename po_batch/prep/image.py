@@ -1,0 +1,264 @@
+"""Image decode, validation and resize on the CPU (numpy + PIL, no torch): uint8 pixels and the patch grid,
+pixel for pixel what transformers' default Qwen-VL image processor feeds the vision tower."""
+
+from __future__ import annotations
+
+import io
+import math
+import warnings
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+from PIL import BmpImagePlugin, GifImagePlugin, Image, ImageOps, JpegImagePlugin, PngImagePlugin  # noqa: F401
+from PIL import TiffImagePlugin, WebPImagePlugin  # noqa: F401  (imported to register only these decoders)
+
+FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")  # JPEG covers MPO (multi-picture camera JPEGs)
+
+
+class ImageError(Exception):
+    """A row's image cannot be used. str() is a short reason for the output's error column; .kind a category:
+    empty, not_image, unsupported, truncated, decode, bomb, too_small, aspect, missing."""
+
+    def __init__(self, message: str, kind: str):
+        super().__init__(message, kind)
+        self.message, self.kind = message, kind
+
+    def __str__(self) -> str:
+        return self.message
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    """A checkpoint's image preprocessing, resolved from its preprocessor config and the user's overrides."""
+    patch_size: int
+    merge_size: int
+    temporal_patch_size: int
+    min_pixels: int
+    max_pixels: int
+    image_mean: tuple[float, float, float]
+    image_std: tuple[float, float, float]
+    max_decode_pixels: int = 89_478_485  # PIL's own bomb limit; a bigger source image is refused before decoding
+
+    @property
+    def factor(self) -> int:
+        return self.patch_size * self.merge_size
+
+
+# Qwen2VLImageProcessor's class defaults, used where a preprocessor config leaves a key out
+_DEFAULTS = dict(patch_size=14, merge_size=2, temporal_patch_size=2, min_pixels=56 * 56, max_pixels=28 * 28 * 1280,
+                 image_mean=(0.48145466, 0.4578275, 0.40821073), image_std=(0.26862954, 0.26130258, 0.27577711))
+
+
+def spec_from_preprocessor_config(cfg: dict, min_pixels: int | None = None, max_pixels: int | None = None) -> ImageSpec:
+    """Reads every layout Qwen-VL checkpoints ship: flat `min_pixels`/`max_pixels` (Qwen2/2.5-VL), `size:
+    {shortest_edge, longest_edge}` (Qwen3-VL and anything transformers 5 saves; pixel counts, not edges), and a
+    transformers-5 processor_config.json with the image processor nested under `image_processor`. Flat keys win
+    over `size`, as in transformers; the user's min_pixels/max_pixels win over both."""
+    cfg = cfg.get("image_processor", cfg)
+    for key, want in (("do_resize", True), ("do_rescale", True), ("do_normalize", True), ("do_convert_rgb", True),
+                      ("resample", 3)):
+        if cfg.get(key, want) != want:
+            raise ValueError(f"preprocessor config: {key}={cfg[key]!r} is not supported (po-batch needs {want!r})")
+    if not math.isclose(cfg.get("rescale_factor", 1 / 255), 1 / 255):
+        raise ValueError(f"preprocessor config: rescale_factor={cfg['rescale_factor']!r} is not supported (needs 1/255)")
+    size = cfg.get("size") or {}
+    lo = _first(min_pixels, cfg.get("min_pixels"), size.get("shortest_edge"), size.get("min_pixels"),
+                _DEFAULTS["min_pixels"])
+    hi = _first(max_pixels, cfg.get("max_pixels"), size.get("longest_edge"), size.get("max_pixels"),
+                _DEFAULTS["max_pixels"])
+    if not 0 < lo <= hi:
+        raise ValueError(f"image pixel limits: need 0 < min_pixels <= max_pixels, got {lo} and {hi}")
+    get = lambda k: cfg.get(k, _DEFAULTS[k])  # noqa: E731
+    return ImageSpec(int(get("patch_size")), int(get("merge_size")), int(get("temporal_patch_size")), int(lo), int(hi),
+                     tuple(float(v) for v in get("image_mean")), tuple(float(v) for v in get("image_std")))
+
+
+def _first(*values):
+    return next(v for v in values if v is not None)
+
+
+def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
+    """The (height, width) Qwen resizes to: multiples of `factor`, pixel count within [min_pixels, max_pixels],
+    aspect ratio kept. transformers' arithmetic exactly (its float rounding included), with ImageErrors where
+    transformers raises (aspect over 200) or would produce an empty image. transformers 5 does not refuse sides
+    below `factor`: a 3x3 image is enlarged to the min_pixels grid, and so is it here."""
+    if min(height, width) < 1:
+        raise ImageError(f"image is {width}x{height} pixels", "too_small")
+    if max(height, width) / min(height, width) > 200:
+        raise ImageError(f"aspect ratio {max(height, width) / min(height, width):.0f}:1 is over the limit of 200:1",
+                         "aspect")
+    h_bar = round(height / factor) * factor
+    w_bar = round(width / factor) * factor
+    if h_bar * w_bar > max_pixels:
+        beta = math.sqrt((height * width) / max_pixels)
+        h_bar = max(factor, math.floor(height / beta / factor) * factor)
+        w_bar = max(factor, math.floor(width / beta / factor) * factor)
+    elif h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h_bar = math.ceil(height * beta / factor) * factor
+        w_bar = math.ceil(width * beta / factor) * factor
+    if h_bar == 0 or w_bar == 0:
+        raise ImageError(f"image is {width}x{height} pixels, too small for {factor}-pixel patches", "too_small")
+    return h_bar, w_bar
+
+
+def decode(data: bytes, spec: ImageSpec | None = None) -> Image.Image:
+    """Bytes of a JPEG, PNG, WebP, GIF (first frame), BMP or TIFF -> an upright RGB PIL image, converted as
+    transformers' Qwen processors convert (transparency composited onto white; other modes through PIL's
+    convert("RGB"), which clips 16- and 32-bit grey to 255). Header dimensions are checked before any pixel is
+    decoded; a truncated file is an error, never a partly grey image."""
+    if not data:
+        raise ImageError("the image is empty (0 bytes)", "empty")
+    limit = spec.max_decode_pixels if spec else ImageSpec.max_decode_pixels
+    with warnings.catch_warnings():  # PIL warns on odd EXIF and on big images; the outcome is decided here
+        warnings.simplefilter("ignore")
+        im = _open(data)
+        if im.width * im.height > limit:
+            raise ImageError(f"the image is {im.width}x{im.height} pixels, over the limit of {limit}", "bomb")
+        try:
+            im.load()
+        except OSError as e:  # PIL raises OSError for truncated data and for decoder failures alike
+            if "truncated" in str(e).lower():
+                raise ImageError("the image file is truncated", "truncated") from None
+            raise ImageError(f"the {im.format} image could not be decoded ({e})", "decode") from None
+        except (SyntaxError, ValueError, EOFError) as e:
+            raise ImageError(f"the {im.format} image could not be decoded ({e})", "decode") from None
+        try:
+            ImageOps.exif_transpose(im, in_place=True)
+        except Exception:  # unreadable EXIF: the stored orientation is all there is
+            pass
+    # transformers.image_transforms.convert_to_rgb, which the torchvision and PIL Qwen processors both call on
+    # PIL input (a plain RGB image skips the copy that convert("RGB") would make)
+    if "A" in im.getbands() or im.info.get("transparency") is not None:
+        im = im.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", im.size, (255, 255, 255, 255)), im).convert("RGB")
+    return im if im.mode == "RGB" else im.convert("RGB")
+
+
+def _open(data: bytes) -> Image.Image:
+    try:
+        return Image.open(io.BytesIO(data), formats=FORMATS)
+    except Image.DecompressionBombError as e:
+        raise ImageError(f"the image is over PIL's decompression-bomb limit ({e})", "bomb") from None
+    except Image.UnidentifiedImageError:
+        pass
+    except Exception as e:  # a known format whose header is broken
+        raise ImageError(f"the image header could not be read ({e})", "decode") from None
+    try:  # name the format only to say it is not one we decode
+        fmt = Image.open(io.BytesIO(data)).format
+    except Exception:
+        raise ImageError("the data is not an image file", "not_image") from None
+    raise ImageError(f"{fmt} images are not supported", "unsupported")
+
+
+def prepare(data: bytes, spec: ImageSpec) -> tuple[np.ndarray, tuple[int, int, int]]:
+    """Bytes -> (C-contiguous uint8 (h, w, 3) pixels at smart_resize's size, grid (t, h, w) in patches)."""
+    im = decode(data, spec)
+    h, w = smart_resize(im.height, im.width, spec.factor, spec.min_pixels, spec.max_pixels)
+    return resize(im, h, w), (1, h // spec.patch_size, w // spec.patch_size)
+
+
+def read_path(path: str) -> bytes:
+    """A local path or an fsspec URL -> its bytes."""
+    try:
+        if "://" in path:
+            import fsspec
+
+            with fsspec.open(path, "rb") as f:
+                return f.read()
+        with open(path, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        raise ImageError(f"image file not found: {path}", "missing") from None
+    except OSError as e:
+        raise ImageError(f"image file cannot be read: {path} ({e.strerror or e})", "missing") from None
+
+
+# --- resize --------------------------------------------------------------------------------------------------
+# transformers' default Qwen image processor (the torchvision one) resizes the uint8 CHW tensor with
+# tvF.resize(BICUBIC, antialias=True). On CPU torch runs that in fixed point (UpSampleKernel.cpp,
+# `_compute_index_ranges_int16_weights` + the separable uint8 loops): per axis, Keys-cubic (a=-0.5) antialias
+# weights in double, normalised, rounded to int16 at a precision chosen from the largest weight; each output is
+# (sum(w * x) + 2^(p-1)) >> p, clamped to 0..255; width first, then height, uint8 in between. PIL's bicubic is
+# the same algorithm at a fixed 22-bit precision and differs by 1 on ~0.3% of pixels, so it is reproduced here
+# exactly. The integer sums run as banded float GEMMs (BLAS), exact because every partial sum is an integer
+# below 2^24 (float32) or 2^53 (float64); _axis_plan picks the dtype per axis from the weights' bound.
+
+
+def _cubic(x: np.ndarray) -> np.ndarray:
+    a, x = -0.5, np.abs(x)
+    near = ((a + 2) * x - (a + 3)) * x * x + 1
+    far = ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+    return np.where(x < 1.0, near, np.where(x < 2.0, far, 0.0))
+
+
+def _int16_weights(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """torch's (first input, tap count, int16 weights [n_out, taps], precision) for one axis."""
+    scale = n_in / n_out
+    support = 2.0 * scale if scale >= 1.0 else 2.0
+    taps = int(math.ceil(support)) * 2 + 1
+    center = scale * (np.arange(n_out) + 0.5)
+    first = np.maximum((center - support + 0.5).astype(np.int64), 0)  # C casts truncate toward zero
+    count = np.clip(np.minimum((center + support + 0.5).astype(np.int64), n_in) - first, 0, taps)
+    k = np.arange(taps)
+    w = _cubic((k + first[:, None] - center[:, None] + 0.5) * (1.0 / scale if scale >= 1.0 else 1.0))
+    w[k >= count[:, None]] = 0.0
+    total = np.zeros(n_out)
+    for j in range(taps):  # in tap order, as the C loop adds them
+        total += w[:, j]
+    w = np.divide(w, total[:, None], out=np.zeros_like(w), where=total[:, None] != 0)
+    wmax, prec = w.max(), 0
+    while prec < 22 and int(0.5 + wmax * (1 << (prec + 1))) < (1 << 15):
+        prec += 1
+    v = w * (1 << prec)
+    return first, count, np.trunc(v + np.where(v < 0, -0.5, 0.5)).astype(np.int64), prec
+
+
+@lru_cache(maxsize=256)
+def _axis_plan(n_in: int, n_out: int) -> tuple[type, tuple[tuple[int, int, int, int, np.ndarray], ...]]:
+    """Banded GEMM blocks for one axis: (dtype, ((out0, out1, in0, in1, weights [out1-out0, in1-in0]), ...)).
+    Weights are scaled by 2^-p (exact) so a block's product is sum(w * x) / 2^p."""
+    first, count, wi, prec = _int16_weights(n_in, n_out)
+    exact32 = 255 * max(np.clip(wi, 0, None).sum(1).max(), -np.clip(wi, None, 0).sum(1).min()) + (1 << prec) < 2**24
+    dtype = np.float32 if exact32 else np.float64
+    rows = max(1, round(_BLOCK_IN / (n_in / n_out)))  # outputs per block, so each block reads ~_BLOCK_IN inputs
+    blocks = []
+    for o0 in range(0, n_out, rows):
+        o1 = min(o0 + rows, n_out)
+        f, c, w = first[o0:o1], count[o0:o1], wi[o0:o1]
+        i0, i1 = int(f.min()), int((f + c).max())
+        m = np.zeros((o1 - o0, i1 - i0), dtype=dtype)
+        r, k = np.nonzero(np.arange(w.shape[1]) < c[:, None])
+        m[r, f[r] - i0 + k] = w[r, k] * (1.0 / (1 << prec))
+        blocks.append((o0, o1, i0, i1, m))
+    return dtype, tuple(blocks)
+
+
+_BLOCK_IN = 8
+
+
+def _resample_rows(x: np.ndarray, n_out: int) -> np.ndarray:
+    """uint8 (n_in, N) -> uint8 (n_out, N), resampling along axis 0."""
+    dtype, blocks = _axis_plan(x.shape[0], n_out)
+    xf = x.astype(dtype)
+    y = np.empty((n_out, x.shape[1]), dtype=dtype)
+    for o0, o1, i0, i1, m in blocks:
+        np.matmul(m, xf[i0:i1], out=y[o0:o1])
+    y += 0.5  # the 2^(p-1) rounding term; then the cast truncates, which is floor once clipped to >= 0
+    np.clip(y, 0, 255, out=y)
+    return y.astype(np.uint8)
+
+
+def resize(im: Image.Image, height: int, width: int) -> np.ndarray:
+    """RGB PIL image -> C-contiguous uint8 (height, width, 3), equal to transformers' torchvision resize."""
+    w0, h0 = im.size
+    if w0 != width:  # along x on the transposed image, so that every GEMM reads and writes whole rows
+        xt = np.array(im.transpose(Image.Transpose.TRANSPOSE))
+        yt = _resample_rows(xt.reshape(w0, h0 * 3), width).reshape(width, h0, 3)
+        x = np.array(Image.fromarray(yt).transpose(Image.Transpose.TRANSPOSE))
+    else:
+        x = np.array(im)
+    if h0 != height:
+        x = _resample_rows(x.reshape(h0, width * 3), height).reshape(height, width, 3)
+    return x

@@ -1,0 +1,144 @@
+"""Tiny random checkpoints with the real architectures, built through transformers: for the demo and the tests.
+
+Each is saved in HF format (config.json, model.safetensors, a small byte-level BPE tokenizer carrying
+the model's special tokens, the chat template, preprocessor_config.json), so po-batch loads it exactly
+as it loads a published checkpoint.
+"""
+
+import json
+from pathlib import Path
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                  "<|image_pad|>", "<|video_pad|>", "<|vision_pad|>"]
+
+# Qwen2-VL's template (Qwen2.5-VL's is the same): a default system prompt, images as vision_start/pad/end.
+VL_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}{% for content in message['content'] %}{% if content['type'] == 'image' %}"
+    "<|vision_start|><|image_pad|><|vision_end|>{% elif content['type'] == 'text' %}{{ content['text'] }}"
+    "{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+# Qwen3-VL's template has no default system prompt.
+VL3_TEMPLATE = VL_TEMPLATE.replace(
+    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}", "")
+# Text-only Qwen: content is a string.
+TEXT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+CORPUS = [
+    "Is there a {} in this image? Answer yes or no.", "yes", "no", " yes", " no", "Yes", "No",
+    "You are a helpful assistant.", "user", "assistant", "system", "Does the photo show a {}?",
+    "Query: {} Document: a photo of a {} on the table. Is the document relevant?",
+]
+WORDS = ["cat", "dog", "car", "tree", "house", "person", "bird", "boat", "red", "blue", "green", "building",
+         "product", "colour", "picture", "shows", "What", "Which", "matches", "query"]
+
+
+def build_tokenizer(extra_first: int = 0):
+    """A byte-level BPE like Qwen's, trained on a few prompts; `extra_first` shifts the special-token ids."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers
+    from transformers import Qwen2Tokenizer
+
+    texts = [t.format(w, w) for t in CORPUS for w in WORDS] * 4
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator(texts, trainer)
+    vocab = tok.get_vocab()
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m)
+              for m in json.loads(tok.to_str())["model"]["merges"]]
+    # Pad the vocabulary so the special tokens land on non-default ids.
+    for i in range(extra_first):
+        vocab[f"<|reserved_{i}|>"] = len(vocab)
+    qt = Qwen2Tokenizer(vocab=vocab, merges=merges, unk_token="<|endoftext|>", eos_token="<|im_end|>",
+                        pad_token="<|endoftext|>")
+    qt.add_special_tokens({"additional_special_tokens": SPECIAL_TOKENS[1:]})
+    return qt
+
+
+def _ids(tok) -> dict:
+    get = tok.convert_tokens_to_ids
+    return {"image_token_id": get("<|image_pad|>"), "video_token_id": get("<|video_pad|>"),
+            "vision_start_token_id": get("<|vision_start|>"), "vision_end_token_id": get("<|vision_end|>")}
+
+
+def build_checkpoint(path: str | Path, family: str = "qwen3_vl", seed: int = 0, tie: bool = False,
+                     extra_first: int = 37, **overrides) -> Path:
+    """Save a tiny random `family` checkpoint (qwen3_vl, qwen2_vl, qwen2_5_vl, qwen2, qwen3) into `path`."""
+    import torch
+    import transformers as tf
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tok = build_tokenizer(extra_first)
+    vocab = len(tok) + 3  # a little slack beyond the tokenizer, as real checkpoints have
+    ids = _ids(tok)
+    text = dict(vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                num_attention_heads=6, num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-6,
+                max_position_embeddings=4096, tie_word_embeddings=tie, bos_token_id=None,
+                eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"), pad_token_id=None)
+    text.update(overrides.pop("text", {}))
+    vision = overrides.pop("vision", {})
+    if family == "qwen3_vl":
+        text["rope_parameters"] = {"rope_type": "default", "rope_theta": 5e6, "mrope_section": [3, 3, 2],
+                                   "mrope_interleaved": True}
+        vision = dict(depth=4, hidden_size=48, intermediate_size=80, num_heads=4, out_hidden_size=64,
+                      patch_size=16, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=36,
+                      deepstack_visual_indexes=[0, 2], hidden_act="gelu_pytorch_tanh") | vision
+        config = tf.Qwen3VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=tie, **ids)
+        model_cls, template, patch = tf.Qwen3VLForConditionalGeneration, VL3_TEMPLATE, 16
+        mean = std = [0.5, 0.5, 0.5]
+    elif family in ("qwen2_vl", "qwen2_5_vl"):
+        text.pop("head_dim")
+        text["hidden_size"] = 96  # head_dim 16 with 6 heads
+        text["rope_parameters"] = {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]}
+        if family == "qwen2_vl":
+            vision = dict(depth=3, embed_dim=48, hidden_size=96, mlp_ratio=2, num_heads=4, patch_size=14,
+                          spatial_merge_size=2, temporal_patch_size=2) | vision
+            config = tf.Qwen2VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=tie, **ids)
+            model_cls = tf.Qwen2VLForConditionalGeneration
+        else:
+            vision = dict(depth=4, hidden_size=48, intermediate_size=72, num_heads=4, out_hidden_size=96,
+                          patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=84,
+                          fullatt_block_indexes=[1, 3], hidden_act="silu") | vision
+            config = tf.Qwen2_5_VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=tie, **ids)
+            model_cls = tf.Qwen2_5_VLForConditionalGeneration
+        template, patch = VL_TEMPLATE, 14
+        mean, std = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
+    elif family in ("qwen2", "qwen3"):
+        text["rope_theta"] = 1e6
+        if family == "qwen2":
+            text.pop("head_dim")
+            text["hidden_size"] = 96
+            config, model_cls = tf.Qwen2Config(**text), tf.Qwen2ForCausalLM
+        else:
+            config, model_cls = tf.Qwen3Config(**text), tf.Qwen3ForCausalLM
+        template, patch = TEXT_TEMPLATE, None
+    else:
+        raise ValueError(f"unknown family {family!r}")
+    torch.manual_seed(seed)
+    model = model_cls(config).eval()
+    with torch.no_grad():  # random init leaves norms at 1 and biases at 0: perturb so parity tests see them
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    model.save_pretrained(path, safe_serialization=True)
+    tok.chat_template = template
+    tok.save_pretrained(path)
+    if patch:
+        merge = 2
+        pre = {"patch_size": patch, "temporal_patch_size": 2, "merge_size": merge, "image_mean": mean,
+               "image_std": std, "min_pixels": 4 * (patch * merge) ** 2, "max_pixels": 64 * (patch * merge) ** 2,
+               "image_processor_type": "Qwen2VLImageProcessor",
+               "processor_class": {"qwen3_vl": "Qwen3VLProcessor", "qwen2_vl": "Qwen2VLProcessor",
+                                   "qwen2_5_vl": "Qwen2_5_VLProcessor"}[family]}
+        (path / "preprocessor_config.json").write_text(json.dumps(pre, indent=2))
+        (path / "chat_template.jinja").write_text(template)
+    return path
