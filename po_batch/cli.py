@@ -55,9 +55,9 @@ def run(config: ConfigArg,
         shard: Annotated[str | None, typer.Option(help="Static slice I/N of the units, without claims "
                                                        "(for filesystems without atomic create).")] = None):
     """Run or resume scoring: plan the inputs once, claim units, score them, commit each as a Parquet part."""
+    cfg = _config(config)  # before importing torch: a config error is reported in a moment
     from po_batch import pipeline
 
-    cfg = _config(config)
     try:
         code = pipeline.run(cfg, restart=restart, shard=_parse_shard(shard))
     except _user_errors() as e:

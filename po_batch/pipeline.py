@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 
 from po_batch.config import Config, fingerprint, resolved_device, resolved_dtype, workers_count
-from po_batch.data.claims import Claims, default_owner
+from po_batch.data.claims import Claims, default_owner, drop_done_claims
 from po_batch.data.parquet import check_unique_ids, read_unit, resolve_path
 from po_batch.data.plan import Plan, Unit, load_or_create_plan
 from po_batch.data.sink import clean_orphans, commit_unit, is_done
@@ -106,11 +106,14 @@ class Runner:
                     st.kinds[result.kind] += 1
                     self.finish_rows([(st, i)], progress)
                     continue
-                pending.append((st, i, result))
-                tokens += result.tokens
-                if tokens >= self.cfg.run.batch_tokens:
+                # Score before the budget would be exceeded (past it, the engine would split off a batch of
+                # one), and at each unit's end: a batch of one unit's rows makes the unit's scores independent
+                # of its neighbours, so a resumed or shared run reproduces an uninterrupted one bit for bit.
+                if pending and (pending[-1][0] is not st or tokens + result.tokens > self.cfg.run.batch_tokens):
                     self.score(pending, progress)
                     pending, tokens = [], 0
+                pending.append((st, i, result))
+                tokens += result.tokens
             self.score(pending, progress)
             for f in self.commits:
                 f.result()
@@ -166,6 +169,7 @@ def run(cfg: Config, restart: bool = False, shard: tuple[int, int] | None = None
     fp = fingerprint(cfg, scorer.identity) | {"model.dtype": dtype}
     plan = load_or_create_plan(cfg.output.path, cfg.input.paths, cfg.run.rows_per_unit, fp, restart)
     clean_orphans(cfg.output.path)
+    drop_done_claims(cfg.output.path)
     runner = Runner(cfg, scorer, plan, shard)
     todo = runner.candidates()
     if not todo:

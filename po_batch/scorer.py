@@ -25,22 +25,29 @@ class Scorer:
     identity: str
     engine: object = None
 
-    def load(self) -> None:
+    def load(self, fuse: bool | None = None) -> None:
         """Load the weights onto the device (after everything that can fail cheaply has been checked)."""
         from po_batch.engine.runner import Engine
 
         spec = self.prep.spec
         self.engine = Engine(self.ckpt, self.token_ids, self.device, self.dtype, self.cfg.run.batch_tokens,
-                             spec and spec.image_mean, spec and spec.image_std)
+                             spec and spec.image_mean, spec and spec.image_std, fuse)
 
 
 def image_spec(ckpt: Checkpoint, cfg: Config) -> ImageSpec | None:
     if not ckpt.is_vision:
         return None
-    pre = ckpt.dir / "preprocessor_config.json"
-    if not pre.is_file():
+    pre, proc = ckpt.dir / "preprocessor_config.json", ckpt.dir / "processor_config.json"
+    if pre.is_file():
+        d = json.loads(pre.read_text())
+    elif proc.is_file():  # transformers 5 saves a processor's image settings nested in processor_config.json
+        d = json.loads(proc.read_text()).get("image_processor", {})
+    else:
         raise loader.ModelError(f"{ckpt.dir} has no preprocessor_config.json (needed for a vision model)")
-    return spec_from_preprocessor_config(json.loads(pre.read_text()), cfg.image.min_pixels, cfg.image.max_pixels)
+    try:
+        return spec_from_preprocessor_config(d, cfg.image.min_pixels, cfg.image.max_pixels)
+    except (KeyError, ValueError) as e:
+        raise loader.ModelError(f"{pre.name if pre.is_file() else proc.name}: {e}") from None
 
 
 def open_scorer(cfg: Config, device: str, dtype: str, workers: int, load: bool = True) -> Scorer:

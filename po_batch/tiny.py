@@ -37,6 +37,9 @@ CORPUS = [
 ]
 WORDS = ["cat", "dog", "car", "tree", "house", "person", "bird", "boat", "red", "blue", "green", "building",
          "product", "colour", "picture", "shows", "What", "Which", "matches", "query"]
+# Weights 10x the usual init: with 0.02 a tiny model's logits barely move with the image or the positions, so a
+# wrong M-RoPE layout or window order stayed under the parity tolerance; at 0.2 each shifts logits by > 0.1.
+INIT = 0.2
 
 
 def build_tokenizer(extra_first: int = 0):
@@ -83,9 +86,9 @@ def build_checkpoint(path: str | Path, family: str = "qwen3_vl", seed: int = 0, 
     text = dict(vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
                 num_attention_heads=6, num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-6,
                 max_position_embeddings=4096, tie_word_embeddings=tie, bos_token_id=None,
-                eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"), pad_token_id=None)
+                eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"), pad_token_id=None, initializer_range=INIT)
     text.update(overrides.pop("text", {}))
-    vision = overrides.pop("vision", {})
+    vision = {"initializer_range": INIT} | overrides.pop("vision", {})
     if family == "qwen3_vl":
         text["rope_parameters"] = {"rope_type": "default", "rope_theta": 5e6, "mrope_section": [3, 3, 2],
                                    "mrope_interleaved": True}

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from po_batch.layers.context import Context, Varlen
+from po_batch.layers.context import Context, Varlen, to_device
 from po_batch.sample import Sample
 
 
@@ -35,15 +35,20 @@ def pack(samples: list[Sample], budget: int) -> list[list[int]]:
     return groups
 
 
+def put_concat(arrays: list[np.ndarray], device: torch.device) -> torch.Tensor:
+    """Concatenate straight into pinned memory on CUDA (one host copy of the pixels instead of two)."""
+    if device.type != "cuda":
+        return torch.from_numpy(np.concatenate(arrays))
+    host = torch.empty((sum(len(a) for a in arrays), *arrays[0].shape[1:]), dtype=torch.uint8, pin_memory=True)
+    np.concatenate(arrays, out=host.numpy())
+    return host.to(device, non_blocking=True)
+
+
 def make_batch(samples: list[Sample], image_token_id: int | None, device: torch.device) -> Batch:
     """Concatenate on the host, then one copy per tensor (from pinned memory on CUDA, without blocking)."""
-    pin = device.type == "cuda"
-
     def put(a: np.ndarray, dtype=None) -> torch.Tensor:
         t = torch.from_numpy(a)
-        if dtype is not None:
-            t = t.to(dtype)
-        return (t.pin_memory() if pin else t).to(device, non_blocking=True)
+        return to_device(t if dtype is None else t.to(dtype), device)
 
     lens = [s.tokens for s in samples]
     ids = np.concatenate([s.input_ids for s in samples])
@@ -53,7 +58,7 @@ def make_batch(samples: list[Sample], image_token_id: int | None, device: torch.
     if images:
         grid_list = [s.grid for s in images]
         ctx.vision = Varlen.from_lens([t * h * w for t, h, w in grid_list], device)
-        patches = put(np.concatenate([s.patches for s in images]))
+        patches = put_concat([s.patches for s in images], device)
         grids = put(np.array(grid_list, dtype=np.int64))
         visual = put(np.flatnonzero(ids == image_token_id))
     return Batch(input_ids=put(ids, torch.long), positions=put(np.concatenate([s.positions for s in samples], 1),

@@ -6,6 +6,7 @@ import torch
 from po_batch.engine.batch import make_batch, pack
 from po_batch.engine.heads import CandidateHead
 from po_batch.layers.attention import backend
+from po_batch.layers.compile import FUSED
 from po_batch.layers.context import set_context
 from po_batch.models.registry import Checkpoint, load_model
 from po_batch.sample import Sample
@@ -15,7 +16,7 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 
 class Engine:
     def __init__(self, ckpt: Checkpoint, token_ids: list[int], device: str = "cpu", dtype: str = "float32",
-                 batch_tokens: int = 16384, pixel_mean=None, pixel_std=None):
+                 batch_tokens: int = 16384, pixel_mean=None, pixel_std=None, fuse: bool | None = None):
         self.device = torch.device(device)
         self.dtype = DTYPES[dtype]
         self.batch_tokens = batch_tokens
@@ -27,6 +28,8 @@ class Engine:
         if not ckpt.tie:  # only the task's rows of an untied LM head are ever read
             del self.model.lm_head
         self.attention = backend(self.device)
+        self.fuse = self.device.type == "cuda" if fuse is None else fuse
+        FUSED.enable(self.fuse)
 
     @torch.inference_mode()
     def forward(self, samples: list[Sample]) -> torch.Tensor:
@@ -35,9 +38,23 @@ class Engine:
         set_context(batch.context)
         return self.head(self.model(batch))
 
+    def launch(self, samples: list[Sample]) -> "Pending":
+        """Queue the forwards of `samples` (packed by the token budget) on the device and return at once: the
+        host can read and pack the next rows while the device runs. `Pending.result()` waits for the logits."""
+        groups = pack(samples, self.batch_tokens)
+        return Pending(torch.cat([self.forward([samples[i] for i in g]) for g in groups]), np.concatenate(groups))
+
     def score(self, samples: list[Sample]) -> np.ndarray:
-        """(len(samples), K) float32 logits in input order; samples are packed by the token budget."""
-        out = np.empty((len(samples), len(self.head.rows)), dtype=np.float32)
-        for group in pack(samples, self.batch_tokens):
-            out[group] = self.forward([samples[i] for i in group]).cpu().numpy()
+        """(len(samples), K) float32 logits in input order."""
+        return self.launch(samples).result()
+
+
+class Pending:
+    def __init__(self, logits: torch.Tensor, order: np.ndarray):
+        self.logits, self.order = logits, order
+
+    def result(self) -> np.ndarray:
+        logits = self.logits.cpu().numpy()
+        out = np.empty_like(logits)
+        out[self.order] = logits
         return out

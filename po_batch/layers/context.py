@@ -27,7 +27,14 @@ class Varlen:
 def _cu(lens: list[int], device) -> torch.Tensor:
     cu = torch.zeros(len(lens) + 1, dtype=torch.int32)
     cu[1:] = torch.tensor(lens, dtype=torch.int32).cumsum(0)
-    return cu.to(device, non_blocking=True)
+    return to_device(cu, device)
+
+
+def to_device(t: torch.Tensor, device) -> torch.Tensor:
+    """From pinned memory on CUDA: a copy from pageable memory would wait for all queued device work first."""
+    if torch.device(device).type != "cuda":
+        return t
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 @dataclass

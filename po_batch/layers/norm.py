@@ -1,6 +1,7 @@
 """RMSNorm as the Qwen models compute it (float32 statistics, scaled in the input dtype); LayerNorm is torch's."""
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -11,6 +12,4 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        return self.weight * F.rms_norm(x.float(), self.weight.shape, eps=self.eps).to(x.dtype)

@@ -4,7 +4,7 @@ merged tokens, except in its full-attention blocks; the decoder and everything a
 The tower runs on the patches regrouped window by window (in units of merged tokens) and puts the merged
 tokens back in image order at the end, as transformers does."""
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -26,8 +26,8 @@ class VisionConfig:
     spatial_merge_size: int
     temporal_patch_size: int
     out_hidden_size: int
-    window_size: int                      # in pixels
-    fullatt_block_indexes: list[int] = field(default_factory=list)
+    window_size: int                 # in pixels
+    fullatt_block_indexes: list[int]  # blocks that attend over the whole image
     in_channels: int = 3
     rope_theta: float = 10000.0
 
@@ -37,7 +37,8 @@ class VisionConfig:
                   intermediate_size=d["intermediate_size"], hidden_act=d.get("hidden_act", "silu"),
                   patch_size=d["patch_size"], spatial_merge_size=d.get("spatial_merge_size", 2),
                   temporal_patch_size=d.get("temporal_patch_size", 2), out_hidden_size=d["out_hidden_size"],
-                  window_size=d["window_size"], fullatt_block_indexes=list(d.get("fullatt_block_indexes", [])),
+                  window_size=d.get("window_size", 112),
+                  fullatt_block_indexes=list(d.get("fullatt_block_indexes", [7, 15, 23, 31])),
                   in_channels=d.get("in_channels", d.get("in_chans", 3)), rope_theta=vision_rope_theta(d))
         if cfg.window_side < 1:
             raise ValueError(f"vision_config.window_size {cfg.window_size} is smaller than one merged token "
@@ -98,7 +99,7 @@ class VisionModel(nn.Module):
         order = torch.empty_like(dest)
         order[dest] = torch.arange(n, device=dest.device)
         # Regroup the uint8 patches and their coordinates; the patch embedding and the rope act per row.
-        rows, cols, _, _ = patch_coords(grids, cfg.spatial_merge_size)
+        rows, cols, _, _ = patch_coords(grids, cfg.spatial_merge_size, patches.shape[0])
         rows, cols = rows.view(n, unit)[order].flatten(), cols.view(n, unit)[order].flatten()
         x = self.patch_embed(patches.view(n, unit, -1)[order].flatten(0, 1))
         cos, sin = rope_tables(rows, cols, cfg.hidden_size // cfg.num_heads, cfg.rope_theta)

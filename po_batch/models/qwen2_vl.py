@@ -54,7 +54,7 @@ class VisionModel(nn.Module):
 
     def forward(self, patches: torch.Tensor, grids: torch.Tensor) -> torch.Tensor:
         cfg = self.cfg
-        rows, cols, _, _ = patch_coords(grids, cfg.spatial_merge_size)
+        rows, cols, _, _ = patch_coords(grids, cfg.spatial_merge_size, patches.shape[0])
         x = self.patch_embed(patches)
         cos, sin = rope_tables(rows, cols, cfg.embed_dim // cfg.num_heads, cfg.rope_theta)
         for block in self.blocks:
@@ -71,11 +71,11 @@ class Inner(nn.Module):
 
 def text_config(d: dict) -> TextConfig:
     """The decoder's config from either layout: transformers 4.4x keeps the text fields at the top level,
-    5.x nests them in text_config. Qwen2/2.5-VL derive head_dim from hidden_size and default to θ 1e6
-    and M-RoPE sections [16, 24, 24], as transformers does."""
+    5.x nests them in text_config. As in transformers, head_dim is hidden_size // heads, and θ, the norm's eps
+    and the M-RoPE sections default to 1e6, 1e-5 and [16, 24, 24]."""
     text = d.get("text_config") or d
     tie = d.get("tie_word_embeddings", text.get("tie_word_embeddings", False))
-    cfg = TextConfig.from_dict({"rope_theta": 1e6} | text, qk_norm=False, tie=tie)
+    cfg = TextConfig.from_dict({"rope_theta": 1e6, "rms_norm_eps": 1e-5} | text, qk_norm=False, tie=tie)
     return replace(cfg, head_dim=cfg.hidden_size // cfg.num_heads, mrope_section=cfg.mrope_section or [16, 24, 24])
 
 

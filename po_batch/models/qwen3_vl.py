@@ -75,7 +75,7 @@ class VisionModel(nn.Module):
 
     def forward(self, patches: torch.Tensor, grids: torch.Tensor):
         cfg = self.cfg
-        rows, cols, heights, widths = patch_coords(grids, cfg.spatial_merge_size)
+        rows, cols, heights, widths = patch_coords(grids, cfg.spatial_merge_size, patches.shape[0])
         x = self.patch_embed(patches) + self.interpolated_pos(rows, cols, heights, widths).to(self.pos_embed.weight.dtype)
         cos, sin = rope_tables(rows, cols, cfg.hidden_size // cfg.num_heads, cfg.rope_theta)
         deepstack = []

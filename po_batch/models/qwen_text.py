@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from po_batch.layers.attention import varlen_attention
+from po_batch.layers.compile import FUSED
 from po_batch.layers.context import get_context
 from po_batch.layers.linear import MergedLinear
 from po_batch.layers.mlp import GatedMLP
@@ -72,10 +73,9 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
         self.qk_norm = cfg.qk_norm
 
-    def forward(self, x, cos, sin, last: torch.Tensor | None = None):
-        """x: (T, hidden). With `last` (indices of each sequence's last token), queries and output are
-        computed for those rows only, against every key of their sequence."""
-        ctx = get_context()
+    def project(self, x, cos, sin, last: torch.Tensor | None = None):
+        """Queries, keys and values, normed and rotated. With `last` (each sequence's last row), queries are
+        computed for those rows only; keys and values always for every row."""
         w, b = self.qkv_proj.weight, self.qkv_proj.bias
         if last is None:
             q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
@@ -89,12 +89,13 @@ class Attention(nn.Module):
         v = v.view(-1, self.kv_heads, self.head_dim)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary(q, qcos, qsin), apply_rotary(k, cos, sin)
-        o = varlen_attention(q, k, v, ctx.text if last is None else ctx.last, causal=True)
-        return self.o_proj(o.reshape(-1, self.q_size))
+        return apply_rotary(q, qcos, qsin), apply_rotary(k, cos, sin), v
 
 
 class DecoderLayer(nn.Module):
+    """Split around the attention kernel: `attn_in` and `attn_out` hold all the matmuls and elementwise work and
+    can be compiled (fused) as they are; the varlen attention between them reads the batch's context."""
+
     def __init__(self, cfg: TextConfig):
         super().__init__()
         self.self_attn = Attention(cfg)
@@ -102,10 +103,18 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, last: torch.Tensor | None = None):
-        h = self.self_attn(self.input_layernorm(x), cos, sin, last)
-        x = (x if last is None else x[last]) + h
+    def attn_in(self, x, cos, sin, last: torch.Tensor | None = None):
+        return self.self_attn.project(self.input_layernorm(x), cos, sin, last)
+
+    def attn_out(self, x, o):
+        x = x + self.self_attn.o_proj(o.flatten(1))
         return x + self.mlp(self.post_attention_layernorm(x))
+
+    def forward(self, x, cos, sin, last: torch.Tensor | None = None):
+        ctx = get_context()
+        q, k, v = FUSED.call(self.attn_in, x, cos, sin, last)
+        o = varlen_attention(q, k, v, ctx.text if last is None else ctx.last, causal=True)
+        return FUSED.call(self.attn_out, x if last is None else x[last], o)
 
 
 class Decoder(nn.Module):
@@ -117,6 +126,7 @@ class Decoder(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.axes: torch.Tensor | None = None
         if cfg.mrope_section is not None and sum(cfg.mrope_section) != cfg.head_dim // 2:
             raise ValueError(f"config.json: mrope_section {cfg.mrope_section} does not sum to head_dim/2 "
                              f"({cfg.head_dim // 2})")
@@ -124,11 +134,11 @@ class Decoder(nn.Module):
     def rope(self, positions: torch.Tensor, dtype):
         cfg = self.cfg
         freqs = inv_freq(cfg.head_dim, cfg.rope_theta, positions.device)
-        axes = None if cfg.mrope_section is None else mrope_axes(cfg.head_dim, cfg.mrope_section,
-                                                                 cfg.mrope_interleaved).to(positions.device)
-        if axes is None and positions.dim() == 2:
-            positions = positions[0]
-        return mrope_cos_sin(positions, freqs, axes, dtype)
+        if cfg.mrope_section is None:
+            return mrope_cos_sin(positions[0] if positions.dim() == 2 else positions, freqs, None, dtype)
+        if self.axes is None or self.axes.device != positions.device:  # built once: a host copy would sync
+            self.axes = mrope_axes(cfg.head_dim, cfg.mrope_section, cfg.mrope_interleaved).to(positions.device)
+        return mrope_cos_sin(positions, freqs, self.axes, dtype)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, last: torch.Tensor,
                 deepstack: list[torch.Tensor] | None = None, visual: torch.Tensor | None = None):
@@ -157,8 +167,10 @@ class QwenTextLM(nn.Module):
 
     @classmethod
     def from_config(cls, d: dict) -> "QwenTextLM":
-        return cls(TextConfig.from_dict(d, qk_norm=d["model_type"] == "qwen3",
-                                        tie=d.get("tie_word_embeddings", False)))
+        qwen3 = d["model_type"] == "qwen3"
+        if qwen3:  # Qwen3Config's head_dim defaults to 128, not hidden_size // heads
+            d = {"head_dim": 128} | d
+        return cls(TextConfig.from_dict(d, qk_norm=qwen3, tie=d.get("tie_word_embeddings", False)))
 
     def embeddings(self) -> nn.Embedding:
         return self.model.embed_tokens

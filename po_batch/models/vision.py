@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from po_batch.layers.attention import varlen_attention
+from po_batch.layers.compile import FUSED
 from po_batch.layers.context import get_context
 from po_batch.layers.norm import RMSNorm
 from po_batch.layers.rotary import apply_rotary, inv_freq, vision_cos_sin
@@ -16,14 +17,15 @@ from po_batch.layers.rotary import apply_rotary, inv_freq, vision_cos_sin
 VL_RENAMES = [(r"^visual\.", "model.visual."), (r"^model\.(?!visual|language_model)", "model.language_model.")]
 
 
-def patch_coords(grids: torch.Tensor, merge: int) -> tuple[torch.Tensor, ...]:
-    """For every patch of the packed images, in merge-block order: (row, col, image height, image width) in patches.
-    grids: (n_images, 3) as (t, h, w). One pass on the device, no loop over images."""
+def patch_coords(grids: torch.Tensor, merge: int, n: int) -> tuple[torch.Tensor, ...]:
+    """For each of the n patches of the packed images, in merge-block order: (row, col, image height, image width)
+    in patches. grids: (n_images, 3) as (t, h, w). One pass on the device, no loop over images, and no wait for
+    the device: every size is given (n comes from the host)."""
     counts = grids.prod(-1)
-    heights = torch.repeat_interleave(grids[:, 1], counts)
-    widths = torch.repeat_interleave(grids[:, 2], counts)
-    starts = torch.repeat_interleave(counts.cumsum(0) - counts, counts)
-    within = (torch.arange(int(counts.sum()), device=grids.device) - starts) % (heights * widths)
+    heights = torch.repeat_interleave(grids[:, 1], counts, output_size=n)
+    widths = torch.repeat_interleave(grids[:, 2], counts, output_size=n)
+    starts = torch.repeat_interleave(counts.cumsum(0) - counts, counts, output_size=n)
+    within = (torch.arange(n, device=grids.device) - starts) % (heights * widths)
     blocks_w = widths // merge
     block, inner = within // (merge * merge), within % (merge * merge)
     rows = (block // blocks_w) * merge + inner // merge
@@ -64,12 +66,9 @@ class VisionAttention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x, cos, sin, window: bool = False):
+    def project(self, x, cos, sin):
         q, k, v = self.qkv(x).view(-1, 3, self.heads, self.head_dim).unbind(1)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        ctx = get_context()
-        o = varlen_attention(q, k, v, ctx.window if window else ctx.vision, causal=False)
-        return self.proj(o.reshape(x.shape[0], -1))
+        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
 
 
 class VisionBlock(nn.Module):
@@ -80,9 +79,19 @@ class VisionBlock(nn.Module):
         self.attn = VisionAttention(dim, heads)
         self.mlp = mlp
 
-    def forward(self, x, cos, sin, window: bool = False):
-        x = x + self.attn(self.norm1(x), cos, sin, window)
+    def attn_in(self, x, cos, sin):
+        return self.attn.project(self.norm1(x), cos, sin)
+
+    def attn_out(self, x, o):
+        x = x + self.attn.proj(o.flatten(1))
         return x + self.mlp(self.norm2(x))
+
+    def forward(self, x, cos, sin, window: bool = False):
+        """Full attention within each image, or within each window (Qwen2.5-VL) when `window`."""
+        ctx = get_context()
+        q, k, v = FUSED.call(self.attn_in, x, cos, sin)
+        o = varlen_attention(q, k, v, ctx.window if window else ctx.vision, causal=False)
+        return FUSED.call(self.attn_out, x, o)
 
 
 class Merger(nn.Module):

@@ -13,7 +13,8 @@ import numpy as np
 from PIL import BmpImagePlugin, GifImagePlugin, Image, ImageOps, JpegImagePlugin, PngImagePlugin  # noqa: F401
 from PIL import TiffImagePlugin, WebPImagePlugin  # noqa: F401  (imported to register only these decoders)
 
-FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")  # JPEG covers MPO (multi-picture camera JPEGs)
+# the decoders tried, in order; JPEG covers MPO (multi-picture camera JPEGs). A Pillow built without one skips it.
+FORMATS = tuple(f for f in ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF") if f in Image.OPEN)
 
 
 class ImageError(Exception):
@@ -38,7 +39,8 @@ class ImageSpec:
     max_pixels: int
     image_mean: tuple[float, float, float]
     image_std: tuple[float, float, float]
-    max_decode_pixels: int = 89_478_485  # PIL's own bomb limit; a bigger source image is refused before decoding
+    max_decode_pixels: int = 89_478_485  # PIL's bomb limit: a bigger source is refused before decoding (and PIL
+                                         # itself refuses over twice Image.MAX_IMAGE_PIXELS, whatever this says)
 
     @property
     def factor(self) -> int:
@@ -61,8 +63,11 @@ def spec_from_preprocessor_config(cfg: dict, min_pixels: int | None = None, max_
         if cfg.get(key, want) != want:
             raise ValueError(f"preprocessor config: {key}={cfg[key]!r} is not supported (po-batch needs {want!r})")
     if not math.isclose(cfg.get("rescale_factor", 1 / 255), 1 / 255):
-        raise ValueError(f"preprocessor config: rescale_factor={cfg['rescale_factor']!r} is not supported (needs 1/255)")
+        raise ValueError(f"preprocessor config: rescale_factor={cfg['rescale_factor']!r} is not supported "
+                         "(po-batch needs 1/255)")
     size = cfg.get("size") or {}
+    if set(size) - {"shortest_edge", "longest_edge", "min_pixels", "max_pixels"}:
+        raise ValueError(f"preprocessor config: size={size} is not a Qwen pixel range (shortest_edge, longest_edge)")
     lo = _first(min_pixels, cfg.get("min_pixels"), size.get("shortest_edge"), size.get("min_pixels"),
                 _DEFAULTS["min_pixels"])
     hi = _first(max_pixels, cfg.get("max_pixels"), size.get("longest_edge"), size.get("max_pixels"),
@@ -118,29 +123,33 @@ def decode(data: bytes, spec: ImageSpec | None = None) -> Image.Image:
             raise ImageError(f"the image is {im.width}x{im.height} pixels, over the limit of {limit}", "bomb")
         try:
             im.load()
-        except OSError as e:  # PIL raises OSError for truncated data and for decoder failures alike
-            if "truncated" in str(e).lower():
+        except Exception as e:  # PIL says "truncated" in an OSError; other damage raises whatever the decoder does
+            if isinstance(e, OSError) and "truncated" in str(e).lower():
                 raise ImageError("the image file is truncated", "truncated") from None
-            raise ImageError(f"the {im.format} image could not be decoded ({e})", "decode") from None
-        except (SyntaxError, ValueError, EOFError) as e:
             raise ImageError(f"the {im.format} image could not be decoded ({e})", "decode") from None
         try:
             ImageOps.exif_transpose(im, in_place=True)
         except Exception:  # unreadable EXIF: the stored orientation is all there is
             pass
+    if im.mode == "RGB" and "transparency" not in im.info:
+        return im
     # transformers.image_transforms.convert_to_rgb, which the torchvision and PIL Qwen processors both call on
-    # PIL input (a plain RGB image skips the copy that convert("RGB") would make)
-    if "A" in im.getbands() or im.info.get("transparency") is not None:
-        im = im.convert("RGBA")
-        return Image.alpha_composite(Image.new("RGBA", im.size, (255, 255, 255, 255)), im).convert("RGB")
-    return im if im.mode == "RGB" else im.convert("RGB")
+    # PIL input
+    try:
+        if "A" in im.getbands() or im.info.get("transparency") is not None:
+            im = im.convert("RGBA")
+            return Image.alpha_composite(Image.new("RGBA", im.size, (255, 255, 255, 255)), im).convert("RGB")
+        return im.convert("RGB")
+    except ValueError:  # a mode PIL cannot convert
+        raise ImageError(f"{im.mode} images are not supported", "unsupported") from None
 
 
 def _open(data: bytes) -> Image.Image:
     try:
         return Image.open(io.BytesIO(data), formats=FORMATS)
-    except Image.DecompressionBombError as e:
-        raise ImageError(f"the image is over PIL's decompression-bomb limit ({e})", "bomb") from None
+    except Image.DecompressionBombError:  # PIL's own check, at twice Image.MAX_IMAGE_PIXELS
+        raise ImageError(f"the image is over {2 * Image.MAX_IMAGE_PIXELS} pixels (a decompression bomb?)",
+                         "bomb") from None
     except Image.UnidentifiedImageError:
         pass
     except Exception as e:  # a known format whose header is broken
@@ -179,11 +188,11 @@ def read_path(path: str) -> bytes:
 # transformers' default Qwen image processor (the torchvision one) resizes the uint8 CHW tensor with
 # tvF.resize(BICUBIC, antialias=True). On CPU torch runs that in fixed point (UpSampleKernel.cpp,
 # `_compute_index_ranges_int16_weights` + the separable uint8 loops): per axis, Keys-cubic (a=-0.5) antialias
-# weights in double, normalised, rounded to int16 at a precision chosen from the largest weight; each output is
-# (sum(w * x) + 2^(p-1)) >> p, clamped to 0..255; width first, then height, uint8 in between. PIL's bicubic is
-# the same algorithm at a fixed 22-bit precision and differs by 1 on ~0.3% of pixels, so it is reproduced here
-# exactly. The integer sums run as banded float GEMMs (BLAS), exact because every partial sum is an integer
-# below 2^24 (float32) or 2^53 (float64); _axis_plan picks the dtype per axis from the weights' bound.
+# weights in double, normalised, rounded to int16 at a precision p chosen from the largest weight; each output is
+# (sum(w * x) + 2^(p-1)) >> p clamped to 0..255; width first, then height, uint8 in between. PIL's bicubic is the
+# same algorithm at a fixed 22-bit precision and differs by 1 on ~0.3% of pixels, so torch's is reproduced here,
+# exactly. The integer sums run as banded GEMMs in BLAS: on x - 128 with weights scaled by 2^-p, every partial sum
+# is an integer (times 2^-p) below 2^24, so float32 is exact (float64, below 2^53, for the rare larger weights).
 
 
 def _cubic(x: np.ndarray) -> np.ndarray:
@@ -207,54 +216,76 @@ def _int16_weights(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.nd
     total = np.zeros(n_out)
     for j in range(taps):  # in tap order, as the C loop adds them
         total += w[:, j]
-    w = np.divide(w, total[:, None], out=np.zeros_like(w), where=total[:, None] != 0)
-    wmax, prec = w.max(), 0
+    norm = total != 0  # as in C, a row whose weights sum to 0 stays unnormalised and out of the max
+    w[norm] /= total[norm, None]
+    wmax, prec = w[norm].max(initial=0.0), 0
     while prec < 22 and int(0.5 + wmax * (1 << (prec + 1))) < (1 << 15):
         prec += 1
     v = w * (1 << prec)
     return first, count, np.trunc(v + np.where(v < 0, -0.5, 0.5)).astype(np.int64), prec
 
 
+_BLOCK_IN = 8    # inputs a GEMM block reads: small, as the band is narrow and BLAS does well with a long N
+_CHUNK_OUT = 32  # output rows converted and rounded together, so that the float work stays in cache
+
+
 @lru_cache(maxsize=256)
-def _axis_plan(n_in: int, n_out: int) -> tuple[type, tuple[tuple[int, int, int, int, np.ndarray], ...]]:
-    """Banded GEMM blocks for one axis: (dtype, ((out0, out1, in0, in1, weights [out1-out0, in1-in0]), ...)).
-    Weights are scaled by 2^-p (exact) so a block's product is sum(w * x) / 2^p."""
+def _axis_plan(n_in: int, n_out: int) -> tuple[type, tuple]:
+    """One axis as banded GEMMs: (dtype, chunks). A chunk is (out0, out1, in0, in1, blocks, r, q): its blocks are
+    (out0, out1, in0, in1, weights * 2^-p) relative to the chunk, a GEMM of x - 128 gives sum(w * (x - 128)) / 2^p,
+    and output = floor(GEMM + r) + q, with q an integer and q + r = (128 * sum(w) + 2^(p-1)) / 2^p: the offset
+    and torch's rounding term put back. Where GEMM + q + r is itself exact (float64, or the true sum stays below
+    2^24), q is None and r holds both: the cast's truncation then does the floor."""
     first, count, wi, prec = _int16_weights(n_in, n_out)
-    exact32 = 255 * max(np.clip(wi, 0, None).sum(1).max(), -np.clip(wi, None, 0).sum(1).min()) + (1 << prec) < 2**24
+    exact32 = 128 * np.abs(wi).sum(1).max() + (1 << prec) < 2**24
     dtype = np.float32 if exact32 else np.float64
-    rows = max(1, round(_BLOCK_IN / (n_in / n_out)))  # outputs per block, so each block reads ~_BLOCK_IN inputs
-    blocks = []
-    for o0 in range(0, n_out, rows):
-        o1 = min(o0 + rows, n_out)
-        f, c, w = first[o0:o1], count[o0:o1], wi[o0:o1]
-        i0, i1 = int(f.min()), int((f + c).max())
-        m = np.zeros((o1 - o0, i1 - i0), dtype=dtype)
-        r, k = np.nonzero(np.arange(w.shape[1]) < c[:, None])
-        m[r, f[r] - i0 + k] = w[r, k] * (1.0 / (1 << prec))
-        blocks.append((o0, o1, i0, i1, m))
-    return dtype, tuple(blocks)
-
-
-_BLOCK_IN = 8
+    const = 128 * wi.sum(1) + (1 << (prec - 1))
+    q, r = np.divmod(const, 1 << prec)
+    if dtype is np.float64 or 255 * np.clip(wi, 0, None).sum(1).max() + (1 << prec) < 2**24:
+        q, r = None, const
+    rows = max(1, round(_BLOCK_IN * n_out / n_in))  # outputs per block
+    chunks = []
+    for c0 in range(0, n_out, _CHUNK_OUT):
+        c1 = min(c0 + _CHUNK_OUT, n_out)
+        ci0, ci1 = int(first[c0:c1].min()), int((first[c0:c1] + count[c0:c1]).max())
+        blocks = []
+        for o0 in range(c0, c1, rows):
+            o1 = min(o0 + rows, c1)
+            f, c, w = first[o0:o1], count[o0:o1], wi[o0:o1]
+            i0, i1 = int(f.min()), int((f + c).max())
+            m = np.zeros((o1 - o0, i1 - i0), dtype=dtype)
+            j, k = np.nonzero(np.arange(w.shape[1]) < c[:, None])
+            m[j, f[j] - i0 + k] = w[j, k] / (1 << prec)
+            blocks.append((o0 - c0, o1 - c0, i0 - ci0, i1 - ci0, m))
+        chunks.append((c0, c1, ci0, ci1, tuple(blocks), (r[c0:c1, None] / (1 << prec)).astype(dtype),
+                       None if q is None else q[c0:c1, None].astype(dtype)))
+    return dtype, tuple(chunks)
 
 
 def _resample_rows(x: np.ndarray, n_out: int) -> np.ndarray:
     """uint8 (n_in, N) -> uint8 (n_out, N), resampling along axis 0."""
-    dtype, blocks = _axis_plan(x.shape[0], n_out)
-    xf = x.astype(dtype)
-    y = np.empty((n_out, x.shape[1]), dtype=dtype)
-    for o0, o1, i0, i1, m in blocks:
-        np.matmul(m, xf[i0:i1], out=y[o0:o1])
-    y += 0.5  # the 2^(p-1) rounding term; then the cast truncates, which is floor once clipped to >= 0
-    np.clip(y, 0, 255, out=y)
-    return y.astype(np.uint8)
+    dtype, chunks = _axis_plan(x.shape[0], n_out)
+    out = np.empty((n_out, x.shape[1]), dtype=np.uint8)
+    y = np.empty((_CHUNK_OUT, x.shape[1]), dtype=dtype)
+    for c0, c1, ci0, ci1, blocks, r, q in chunks:
+        xf = np.subtract(x[ci0:ci1], 128, dtype=dtype)
+        for o0, o1, i0, i1, m in blocks:
+            np.matmul(m, xf[i0:i1], out=y[o0:o1])
+        yc = y[: c1 - c0]
+        yc += r
+        if q is not None:
+            np.floor(yc, out=yc)
+            yc += q
+        np.clip(yc, 0, 255, out=yc)
+        out[c0:c1] = yc  # truncates, which is floor once clipped to >= 0
+    return out
 
 
 def resize(im: Image.Image, height: int, width: int) -> np.ndarray:
     """RGB PIL image -> C-contiguous uint8 (height, width, 3), equal to transformers' torchvision resize."""
     w0, h0 = im.size
     if w0 != width:  # along x on the transposed image, so that every GEMM reads and writes whole rows
-        xt = np.array(im.transpose(Image.Transpose.TRANSPOSE))
+        xt = np.asarray(im.transpose(Image.Transpose.TRANSPOSE))
         yt = _resample_rows(xt.reshape(w0, h0 * 3), width).reshape(width, h0, 3)
         x = np.array(Image.fromarray(yt).transpose(Image.Transpose.TRANSPOSE))
     else:

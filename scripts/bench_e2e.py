@@ -1,0 +1,87 @@
+"""End-to-end benchmark: Parquet of 448x448 JPEGs -> `po-batch run` (prep pool on all cores) -> Parquet, against
+the engine-only rate of the same checkpoint in the same run. Writes JSON.
+
+    python scripts/bench_e2e.py [--rows 8192]
+"""
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+def main():
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import torch
+
+    import benchlib
+    from po_batch import pipeline
+    from po_batch.config import config_from_dict
+    from po_batch.data.sink import done_units
+    from po_batch.scorer import open_scorer
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rows", type=int, default=8192)
+    ap.add_argument("--work", default="/tmp/po-batch-bench")
+    ap.add_argument("--out", default=str(benchlib.ROOT / "bench" / "results" / "e2e.json"))
+    args = ap.parse_args()
+    work = Path(args.work)
+    ckpt = benchlib.make_checkpoint("qwen3_vl_2b", work / "qwen3_vl_2b")
+    data = work / "e2e-data"
+    if not data.is_dir():
+        data.mkdir(parents=True)
+        jpegs = [benchlib.photo_jpeg(448, 448, i) for i in range(256)]
+        per = args.rows // 4
+        for f in range(4):
+            ids = list(range(f * per, (f + 1) * per))
+            pq.write_table(pa.table({"id": ids, "image": pa.array([jpegs[i % 256] for i in ids], pa.binary()),
+                                     "category": ["dog"] * per}), data / f"part-{f}.parquet", row_group_size=512)
+    cfg = config_from_dict({
+        "model": {"path": str(ckpt)}, "input": {"paths": [str(data)], "columns": ["category"]},
+        "task": {"prompt": "Is there a {category} anywhere in this photo? Look carefully at every part of the image, "
+                           "then answer yes or no."},
+        "output": {"path": str(work / "e2e-out")}, "run": {"rows_per_unit": 1024, "log_every_s": 10}})
+    cores = len(os.sched_getaffinity(0))
+
+    # engine only: the same rows, prepared up front
+    scorer = open_scorer(cfg, "cuda", "bfloat16", workers=0)
+    rows = [(benchlib.photo_jpeg(448, 448, i), {"id": i, "category": "dog"}) for i in range(64)]
+    samples = [scorer.prep(rows[i % 64]) for i in range(1024)]
+    t = time.perf_counter()
+    prep_ms = None
+    for r in rows:
+        scorer.prep(r)
+    prep_ms = (time.perf_counter() - t) / len(rows) * 1000
+    scorer.engine.score(samples[:128])
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    scorer.engine.score(samples)
+    torch.cuda.synchronize()
+    engine_rate = len(samples) / (time.perf_counter() - t)
+    del scorer
+    torch.cuda.empty_cache()
+
+    t = time.perf_counter()
+    code = pipeline.run(cfg, restart=True)
+    wall = time.perf_counter() - t
+    markers = sorted(done_units(cfg.output.path).values(), key=lambda m: m["finished_at"])
+    # steady state: rows committed after the first unit, over the time since the first unit committed
+    steady = sum(m["rows"] for m in markers[1:]) / (markers[-1]["finished_at"] - markers[0]["finished_at"])
+    record = {"env": benchlib.environment(), "cores": cores, "rows": args.rows, "exit_code": code,
+              "prep_ms_per_image_one_core": prep_ms, "engine_only_rows_per_s": engine_rate,
+              "e2e_wall_s": wall, "e2e_rows_per_s_including_startup": args.rows / wall,
+              "e2e_rows_per_s_steady": steady, "e2e_over_engine": steady / engine_rate}
+    benchlib.write_json(Path(args.out), record)
+    print(json.dumps(record, indent=1))
+    print(f"\n{'engine-only/s':>14}{'e2e steady/s':>14}{'ratio':>8}{'e2e incl. start/s':>19}{'prep ms/img':>12}")
+    print(f"{engine_rate:>14.1f}{steady:>14.1f}{steady / engine_rate:>8.2f}{args.rows / wall:>19.1f}{prep_ms:>12.2f}")
+
+
+if __name__ == "__main__":
+    main()

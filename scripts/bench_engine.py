@@ -1,0 +1,264 @@
+"""Engine benchmark on a GPU: po-batch vs transformers (sdpa, logits_to_keep=1) on random weights with the
+published shapes, the same inputs, in one run on one card. Reports samples/s, MFU against the card's measured
+bf16 matmul rate, peak GPU memory, and bf16 parity (max |Δ P(yes)|, answer agreement). Writes JSON.
+
+    python scripts/bench_engine.py [--workloads qwen3_vl_2b,qwen3_vl_2b_mixed,qwen2_vl_2b,qwen2_5_vl_3b,qwen3_0_6b]
+"""
+
+import argparse
+import gc
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import benchlib  # noqa: E402
+
+from po_batch.config import config_from_dict  # noqa: E402
+from po_batch.scorer import open_scorer  # noqa: E402
+
+VL_PROMPT = "Is there a {category} anywhere in this photo? Look carefully at every part of the image, then answer yes or no."
+TEXT_PROMPT = "Query: {query}\nDocument: {doc}\nIs the document relevant to the query? Answer yes or no."
+WORDS = "the a photo of red blue green dog cat car tree house boat person building street light shadow window".split()
+CATEGORIES = ["cat", "dog", "car", "tree", "house", "boat", "person", "bird"]
+
+WORKLOADS = {  # name: (checkpoint, image sizes or None, max_pixels)
+    "qwen3_vl_2b": ("qwen3_vl_2b", "448", None),
+    "qwen3_vl_2b_mixed": ("qwen3_vl_2b", "mixed", 1024 * 1024),
+    "qwen2_vl_2b": ("qwen2_vl_2b", "448", None),
+    "qwen2_5_vl_3b": ("qwen2_5_vl_3b", "448", None),
+    "qwen3_0_6b": ("qwen3_0_6b", None, None),
+}
+
+
+def rows_for(kind: str | None, n: int) -> list[tuple[object, dict]]:
+    rng = np.random.default_rng(1)
+    if kind is None:
+        return [(None, {"id": i, "query": " ".join(rng.choice(WORDS, 6)),
+                        "doc": " ".join(rng.choice(WORDS, int(rng.integers(110, 150))))}) for i in range(n)]
+    sizes = [(448, 448)] * n if kind == "448" else benchlib.mixed_sizes(n)
+    jpegs = [benchlib.photo_jpeg(w, h, i % 64) for i, (w, h) in enumerate(sizes[:64])]
+    return [(jpegs[i % 64] if kind == "448" else benchlib.photo_jpeg(*sizes[i], i),
+             {"id": i, "category": CATEGORIES[i % len(CATEGORIES)]}) for i in range(n)]
+
+
+DEVICE, DTYPE = "cuda", "bfloat16"
+
+
+def sync():
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+def sync_time(fn):
+    sync()
+    t = time.perf_counter()
+    out = fn()
+    sync()
+    return time.perf_counter() - t, out
+
+
+def max_memory_gib() -> float:
+    return torch.cuda.max_memory_allocated() / 2 ** 30 if DEVICE == "cuda" else float("nan")
+
+
+def reset_memory() -> None:
+    gc.collect()
+    if DEVICE == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def bench_pobatch(cfg, rows, fuse: bool | None = None, reps: int = 3, profile: bool = False) -> dict:
+    scorer = open_scorer(cfg, DEVICE, DTYPE, workers=0, load=False)
+    scorer.load(fuse=fuse)
+    samples = [scorer.prep(r) for r in rows]
+    engine = scorer.engine
+    t = time.perf_counter()
+    engine.score(samples[:64])  # warm-up: kernels, allocator, compilation of the fused graphs
+    warmup_s = time.perf_counter() - t
+    engine.score(samples[:37])  # and a second batch shape
+    reset_memory()
+    best, logits = math.inf, None
+    for _ in range(reps):
+        dt, logits = sync_time(lambda: engine.score(samples))
+        best = min(best, dt)
+    weights = sum(p.numel() * p.element_size() for p in engine.model.parameters()) + engine.head.rows.nbytes
+    result = {"samples_per_s": len(samples) / best, "peak_gib": max_memory_gib(), "fused": engine.fuse,
+              "weights_gib": weights / 2 ** 30, "attention": engine.attention, "batch_tokens": engine.batch_tokens,
+              "warmup_s": warmup_s, "mean_tokens": float(np.mean([s.tokens for s in samples])),
+              "grid": list(samples[0].grid) if samples[0].grid else None}
+    if DEVICE == "cuda":
+        result["host_syncs_in_launch"] = count_syncs(lambda: engine.launch(samples[:128]).result())
+    if profile and DEVICE == "cuda":
+        result["profile"] = profile_table(lambda: engine.score(samples[:128]))
+    del scorer, engine
+    reset_memory()
+    return result | {"logits": logits, "samples": samples}
+
+
+def count_syncs(fn) -> int:
+    """Host-device synchronisations while queuing work (the final .result() is the one expected)."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
+def profile_table(fn, rows: int = 30) -> list[dict]:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.device_time_total > 0]
+    total = sum(e.self_device_time_total for e in events)
+    top = sorted(events, key=lambda e: e.self_device_time_total, reverse=True)[:rows]
+    table = [{"name": e.key[:90], "self_device_ms": e.self_device_time_total / 1e3, "calls": e.count,
+              "share": e.self_device_time_total / total} for e in top]
+    print(f"profile: {total / 1e3:.1f} ms of device time")
+    for r in table:
+        print(f"  {r['share']:6.1%} {r['self_device_ms']:9.2f} ms {r['calls']:6d}x  {r['name']}")
+    return table
+
+
+def hf_inputs(ckpt_dir, rows, cfg, batch: int):
+    import transformers as tf
+    from PIL import Image
+    import io
+
+    vision = rows[0][0] is not None
+    proc = tf.AutoProcessor.from_pretrained(ckpt_dir) if vision else tf.AutoTokenizer.from_pretrained(ckpt_dir)
+    tok = proc.tokenizer if vision else proc
+    tok.padding_side = "left"
+    kwargs = {}
+    if cfg.image.max_pixels:
+        kwargs["size"] = {"shortest_edge": proc.image_processor.size["shortest_edge"], "longest_edge": cfg.image.max_pixels}
+    out = []
+    for i in range(0, len(rows), batch):
+        chunk = rows[i:i + batch]
+        texts = []
+        for _, fields in chunk:
+            text = cfg.task.prompt.format(**fields)
+            content = [{"type": "image"}, {"type": "text", "text": text}] if vision else text
+            texts.append(tok.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
+                                                 add_generation_prompt=True))
+        if vision:
+            images = [Image.open(io.BytesIO(img)).convert("RGB") for img, _ in chunk]
+            out.append(proc(text=texts, images=images, padding=True, return_tensors="pt", **kwargs).to(DEVICE))
+        else:
+            out.append(proc(texts, padding=True, return_tensors="pt").to(DEVICE))
+    return out
+
+
+def bench_hf(ckpt_dir, rows, cfg, token_ids, batches=(16, 32, 64)) -> dict:
+    import transformers as tf
+
+    vision = rows[0][0] is not None
+    auto = tf.AutoModelForImageTextToText if vision else tf.AutoModelForCausalLM
+    model = auto.from_pretrained(ckpt_dir, dtype=getattr(torch, DTYPE), attn_implementation="sdpa").to(DEVICE).eval()
+    result, logits = {}, None
+    for b in batches:
+        inputs = hf_inputs(ckpt_dir, rows, cfg, b)
+
+        def run():
+            return [model(**x, logits_to_keep=1).logits[:, -1][:, token_ids].float().cpu() for x in inputs]
+        try:
+            with torch.inference_mode():
+                model(**inputs[0], logits_to_keep=1)
+                reset_memory()
+                dt, outs = sync_time(run)
+            result[str(b)] = {"samples_per_s": len(rows) / dt, "peak_gib": max_memory_gib()}
+            if logits is None:
+                logits = torch.cat(outs).numpy()
+        except torch.OutOfMemoryError:
+            result[str(b)] = None
+        del inputs
+        reset_memory()
+    del model
+    reset_memory()
+    return {"by_batch": result, "logits": logits}
+
+
+def parity(ours: np.ndarray, theirs: np.ndarray) -> dict:
+    p = lambda x: 1 / (1 + np.exp(x[:, 1].astype(np.float64) - x[:, 0]))
+    dp = np.abs(p(ours) - p(theirs))
+    return {"samples": len(ours), "max_abs_dp_yes": float(dp.max()), "mean_abs_dp_yes": float(dp.mean()),
+            "max_abs_dlogit": float(np.abs(ours - theirs).max()),
+            "answer_agreement": float(np.mean((ours[:, 0] > ours[:, 1]) == (theirs[:, 0] > theirs[:, 1])))}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--workloads", default="qwen3_vl_2b,qwen3_vl_2b_mixed,qwen2_vl_2b,qwen2_5_vl_3b,qwen3_0_6b")
+    ap.add_argument("--samples", type=int, default=512)
+    ap.add_argument("--work", default="/tmp/po-batch-bench")
+    ap.add_argument("--out", default=str(benchlib.ROOT / "bench" / "results" / "engine.json"))
+    ap.add_argument("--eager", default="qwen3_vl_2b", help="workloads also measured without fused graphs")
+    ap.add_argument("--profile", default="qwen3_vl_2b", help="workloads to profile (top device kernels)")
+    ap.add_argument("--cpu-smoke", action="store_true", help="a tiny model on the CPU, to check the script itself")
+    args = ap.parse_args()
+    global DEVICE, DTYPE
+    if args.cpu_smoke:
+        DEVICE, DTYPE = "cpu", "float32"
+    record = {"env": benchlib.environment(), "workloads": {},
+              "matmul_tflops": benchlib.matmul_tflops() if DEVICE == "cuda" else 1.0}
+    print(f"card {record['env'].get('card')}: bf16 matmul {record['matmul_tflops']:.0f} TFLOP/s")
+    for name in args.workloads.split(","):
+        ckpt_name, kind, max_pixels = WORKLOADS[name]
+        ckpt = benchlib.make_checkpoint(ckpt_name, Path(args.work) / ckpt_name, DEVICE, tiny=args.cpu_smoke)
+        vision = kind is not None
+        n = args.samples if kind != "mixed" else args.samples // 2
+        cfg = config_from_dict({
+            "model": {"path": str(ckpt)}, "output": {"path": "/tmp/unused"},
+            "input": {"paths": ["/tmp/unused.parquet"], "image_column": "image" if vision else None,
+                      "columns": ["category"] if vision else ["query", "doc"]},
+            "task": {"prompt": VL_PROMPT if vision else TEXT_PROMPT},
+            "image": {"max_pixels": max_pixels}})
+        rows = rows_for(kind, n)
+        eager = None
+        if name in args.eager.split(","):  # before/after of the fused (torch.compile) graphs, same run
+            eager = {k: v for k, v in bench_pobatch(cfg, rows, fuse=False).items() if k not in ("logits", "samples")}
+        ours = bench_pobatch(cfg, rows, profile=name in args.profile.split(","))
+        theirs = bench_hf(ckpt, rows, cfg, open_scorer(cfg, "cpu", "float32", 0, load=False).token_ids,
+                          (4, 8) if args.cpu_smoke else (16, 32, 64))
+        cfg_json = benchlib.json.loads((ckpt / "config.json").read_text())
+        flops = float(np.mean([benchlib.model_flops(cfg_json, s.tokens - (s.grid[1] * s.grid[2] // 4 if s.grid else 0),
+                                                    s.grid) for s in ours["samples"]]))
+        best_b = max((b for b, r in theirs["by_batch"].items() if r), key=lambda b: theirs["by_batch"][b]["samples_per_s"])
+        best = theirs["by_batch"][best_b]["samples_per_s"]
+        w = {"samples": n, "flops_per_sample": flops,
+             "pobatch": {k: v for k, v in ours.items() if k not in ("logits", "samples")}, "pobatch_eager": eager,
+             "transformers": theirs["by_batch"], "transformers_best_batch": int(best_b),
+             "speedup_vs_best": ours["samples_per_s"] / best,
+             "speedup_vs_b32": ours["samples_per_s"] / theirs["by_batch"]["32"]["samples_per_s"]
+             if theirs["by_batch"].get("32") else None,
+             "mfu": ours["samples_per_s"] * flops / (record["matmul_tflops"] * 1e12),
+             "transformers_mfu": best * flops / (record["matmul_tflops"] * 1e12),
+             "parity_bf16": parity(ours["logits"][:len(theirs["logits"])], theirs["logits"])}
+        record["workloads"][name] = w
+        print(f"{name}: po-batch {ours['samples_per_s']:.1f}/s vs transformers best {best:.1f}/s (b={best_b}) "
+              f"-> {w['speedup_vs_best']:.2f}x, MFU {w['mfu']:.1%}, peak {ours['peak_gib']:.2f} GiB "
+              f"(weights {ours['weights_gib']:.2f}), parity {w['parity_bf16']}", flush=True)
+        benchlib.write_json(Path(args.out), record)  # after each workload: a time-out keeps what was measured
+    print(f"\n{'workload':<20}{'po-batch/s':>12}{'hf best/s':>12}{'ratio':>8}{'MFU':>8}{'peak GiB':>10}"
+          f"{'weights':>9}{'max dP':>9}{'agree':>7}")
+    for name, w in record["workloads"].items():
+        pb, hf = w["pobatch"], w["transformers"][str(w["transformers_best_batch"])]
+        print(f"{name:<20}{pb['samples_per_s']:>12.1f}{hf['samples_per_s']:>12.1f}{w['speedup_vs_best']:>8.2f}"
+              f"{w['mfu']:>8.1%}{pb['peak_gib']:>10.2f}{pb['weights_gib']:>9.2f}"
+              f"{w['parity_bf16']['max_abs_dp_yes']:>9.4f}{w['parity_bf16']['answer_agreement']:>7.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,170 @@
+"""Shared by the benchmark scripts: random-weight checkpoints with published shapes, synthetic JPEGs, model
+FLOP counts, the card's measured matmul rate, and the JSON record (card, versions, date, command)."""
+
+import datetime
+import io
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIGS = Path("/work/shared/checkpoint-configs")  # on the device machine a copy travels in bench/configs
+if not CONFIGS.is_dir():
+    CONFIGS = ROOT / "bench" / "configs"
+
+# Qwen3-0.6B (text) has no published config beside DESIGN.md; these are its released shapes
+QWEN3_06B = {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "vocab_size": 151936, "hidden_size": 1024,
+             "intermediate_size": 3072, "num_hidden_layers": 28, "num_attention_heads": 16, "num_key_value_heads": 8,
+             "head_dim": 128, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "max_position_embeddings": 40960,
+             "tie_word_embeddings": True, "hidden_act": "silu", "attention_bias": False}
+
+PUBLISHED = {"qwen3_vl_2b": "Qwen3-VL-2B-Instruct", "qwen2_vl_2b": "Qwen2-VL-2B-Instruct",
+             "qwen2_5_vl_3b": "Qwen2.5-VL-3B-Instruct"}
+
+
+def make_checkpoint(name: str, out: Path, device: str = "cuda", tiny: bool = False) -> Path:
+    """Random bf16 weights with the published shapes, saved in HF format with a small tokenizer whose special
+    tokens replace the published ids in config.json (the weights are random, so only the shapes matter).
+    `tiny`: the tests' tiny model of the same family instead, to check a script on the CPU."""
+    import torch
+    import transformers as tf
+
+    from po_batch import tiny as tiny_models
+
+    if (out / "config.json").is_file():
+        return out
+    if tiny:
+        family = {"qwen3_vl_2b": "qwen3_vl", "qwen2_vl_2b": "qwen2_vl", "qwen2_5_vl_3b": "qwen2_5_vl",
+                  "qwen3_0_6b": "qwen3"}[name]
+        return tiny_models.build_checkpoint(out, family)
+    tok = tiny_models.build_tokenizer()
+    ids = tiny_models._ids(tok)
+    if name == "qwen3_0_6b":
+        config = tf.Qwen3Config(**{k: v for k, v in QWEN3_06B.items() if k not in ("architectures", "model_type")})
+        cls, template = tf.Qwen3ForCausalLM, tiny_models.TEXT_TEMPLATE
+        pre = None
+    else:
+        src = CONFIGS / PUBLISHED[name]
+        d = json.loads((src / "config.json").read_text())
+        d.update(ids)
+        d.pop("vision_token_id", None)
+        config = tf.AutoConfig.for_model(d.pop("model_type"), **{k: v for k, v in d.items() if k != "architectures"})
+        cls = tf.AutoModelForImageTextToText
+        template = tiny_models.VL3_TEMPLATE if name.startswith("qwen3") else tiny_models.VL_TEMPLATE
+        pre = json.loads((src / "preprocessor_config.json").read_text())
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = cls.from_config(config, dtype=torch.bfloat16) if cls is tf.AutoModelForImageTextToText \
+            else cls(config).to(torch.bfloat16)
+    model.save_pretrained(out)
+    del model
+    tok.chat_template = template
+    tok.save_pretrained(out)
+    if pre:
+        (out / "preprocessor_config.json").write_text(json.dumps(pre))
+        (out / "chat_template.jinja").write_text(template)
+    return out
+
+
+def photo_jpeg(w: int, h: int, seed: int, quality: int = 90) -> bytes:
+    """A photo-like JPEG: smooth gradients, blobs and noise (flat colour would decode unrealistically fast)."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+    img = np.stack([128 + 100 * np.sin(x / (17 + 13 * rng.random()) + c) * np.cos(y / (23 + 7 * rng.random()))
+                    for c in range(3)], -1)
+    img += rng.normal(0, 12, img.shape)
+    buf = io.BytesIO()
+    Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(buf, "JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def mixed_sizes(n: int, seed: int = 0) -> list[tuple[int, int]]:
+    """A fixed, seeded list of photo sizes: long side 320..1600 px, aspect 1:3..3:1."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        long = int(rng.integers(320, 1601))
+        aspect = float(np.exp(rng.uniform(np.log(1 / 3), np.log(3))))
+        w, h = (long, max(32, int(long / aspect))) if aspect >= 1 else (max(32, int(long * aspect)), long)
+        out.append((w, h))
+    return out
+
+
+def model_flops(config: dict, text_tokens: int, grid: tuple[int, int, int] | None) -> float:
+    """Forward FLOPs of one sample (2 per multiply-add): every linear layer of both towers, attention's two
+    matmuls (causal: half), the mergers; not the LM head (one position, two rows)."""
+    t = config.get("text_config", config)
+    h, layers = t["hidden_size"], t["num_hidden_layers"]
+    heads, kv = t["num_attention_heads"], t.get("num_key_value_heads") or t["num_attention_heads"]
+    hd = t.get("head_dim") or h // heads
+    v = config.get("vision_config")
+    image_tokens = 0
+    vision = 0.0
+    if v and grid:
+        n = grid[0] * grid[1] * grid[2]
+        merge = v.get("spatial_merge_size", 2)
+        image_tokens = n // merge ** 2
+        vd = v.get("embed_dim") or v["hidden_size"]
+        vi = v.get("intermediate_size") or vd * v.get("mlp_ratio", 4)
+        gated = v.get("hidden_act") == "silu"  # Qwen2.5-VL's gated MLP has three matrices
+        per_block = 4 * vd * vd + (3 if gated else 2) * vd * vi
+        patch = v.get("patch_size", 14) ** 2 * v.get("temporal_patch_size", 2) * v.get("in_channels", v.get("in_chans", 3))
+        out = v.get("out_hidden_size") or h
+        g = vd * merge ** 2
+        mergers = 1 + len(v.get("deepstack_visual_indexes", []))
+        depth = v["depth"]
+        full = v.get("fullatt_block_indexes")
+        window = v.get("window_size")
+        attn = 0.0
+        for b in range(depth):
+            span = n if full is None or b in full else min(n, (window // v["patch_size"]) ** 2)
+            attn += 4 * n * span * vd
+        vision = 2 * n * (patch * vd + depth * per_block) + attn + mergers * 2 * image_tokens * (g * g + g * out)
+    tokens = text_tokens + image_tokens
+    per_token = h * (heads * hd + 2 * kv * hd) + heads * hd * h + 3 * h * t["intermediate_size"]
+    lm = 2 * tokens * layers * per_token + layers * 2 * tokens * tokens * heads * hd  # causal: half of 4*T^2*d
+    return vision + lm
+
+
+def matmul_tflops(n: int = 8192, reps: int = 20) -> float:
+    import torch
+
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    torch.cuda.synchronize()
+    return 2 * n ** 3 * reps / (time.perf_counter() - start) / 1e12
+
+
+def environment() -> dict:
+    import torch
+    import transformers
+
+    env = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+           "command": " ".join([Path(sys.executable).name, *sys.argv]), "python": platform.python_version(),
+           "torch": torch.__version__, "transformers": transformers.__version__, "host": platform.node()}
+    if torch.cuda.is_available():
+        env["card"] = torch.cuda.get_device_name()
+        env["cuda"] = torch.version.cuda
+    try:
+        import flash_attn
+        env["flash_attn"] = flash_attn.__version__
+    except ImportError:
+        env["flash_attn"] = None
+    return env
+
+
+def write_json(path: Path, record: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=2, default=float))
+    print(f"wrote {path}")

@@ -1,0 +1,476 @@
+"""`po-batch run` end to end, in real subprocesses on real Parquet files and JPEG/PNG images: scores and row errors,
+exactly-once output under SIGKILL, SIGTERM, concurrent workers and shards, and inputs added after a run."""
+
+import fcntl
+import io
+import json
+import math
+import os
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image, ImageDraw
+
+from po_batch.config import load_config
+from po_batch.scorer import open_scorer
+
+pytestmark = pytest.mark.slow
+
+PROMPT = "Is there a {category} in this image? Answer yes or no."
+CATEGORIES = ["cat", "dog", "car", "tree"]
+TIMEOUT_S = 180
+
+
+# --- corpus --------------------------------------------------------------------------------------
+
+def picture(rng: random.Random, fmt: str) -> bytes:
+    w, h = rng.randint(30, 400), rng.randint(30, 400)
+    img = Image.new("RGB", (w, h), tuple(rng.randrange(256) for _ in range(3)))
+    draw = ImageDraw.Draw(img)
+    for _ in range(3):
+        x, y = rng.randrange(w), rng.randrange(h)
+        draw.ellipse((x, y, x + rng.randint(5, w), y + rng.randint(5, h)), fill=tuple(rng.randrange(256) for _ in range(3)))
+    buf = io.BytesIO()
+    img.save(buf, fmt)
+    return buf.getvalue()
+
+
+def write_parquet(path: Path, rows: list[dict], image_type=pa.binary()) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    table = pa.table({"id": [r["id"] for r in rows], "image": pa.array([r["image"] for r in rows], image_type),
+                      "category": [r["category"] for r in rows]})
+    pq.write_table(table, path, row_group_size=8)
+
+
+def build_corpus(root: Path, seed: int = 0) -> dict[str, dict]:
+    """Three Parquet files, 200 rows: two with image bytes, one with image paths relative to its folder.
+    Returns id -> {"kind": expected error kind or None, "image": the bytes to score, "category": ...}."""
+    rng = random.Random(seed)
+    rows = {}
+
+    def row(prefix: str, i: int, image, kind=None, data=None) -> dict:
+        r = {"id": f"{prefix}-{i:03d}", "image": image, "category": rng.choice(CATEGORIES)}
+        rows[r["id"]] = {"kind": kind, "image": image if data is None else data, "category": r["category"]}
+        return r
+
+    def good(i):
+        return picture(rng, "PNG" if i % 3 == 0 else "JPEG")
+
+    a = []
+    for i in range(80):
+        if i == 7:
+            jpeg = picture(rng, "JPEG")
+            a.append(row("a", i, jpeg[: len(jpeg) // 2], "truncated"))
+        elif i == 23:
+            a.append(row("a", i, b"", "empty"))
+        elif i == 41:
+            a.append(row("a", i, b"<html>this is not an image</html>", "not_image"))
+        elif i == 60:
+            png = picture(rng, "PNG")
+            a.append(row("a", i, png[: len(png) // 2], "truncated"))
+        else:
+            a.append(row("a", i, good(i)))
+    write_parquet(root / "data" / "a.parquet", a)
+
+    b = [row("b", i, None, "missing") if i == 12 else row("b", i, b"", "empty") if i == 50 else row("b", i, good(i))
+         for i in range(70)]
+    write_parquet(root / "data" / "b.parquet", b)
+
+    sub = root / "data" / "sub"
+    (sub / "imgs").mkdir(parents=True)
+    (sub / "imgs" / "notes.txt").write_text("not an image either")
+    c = []
+    for i in range(50):
+        if i == 9:
+            c.append(row("c", i, "imgs/nope.jpg", "missing"))
+        elif i == 31:
+            c.append(row("c", i, "imgs/notes.txt", "not_image"))
+        else:
+            data = good(i)
+            name = f"imgs/c-{i:03d}.{'png' if i % 3 == 0 else 'jpg'}"
+            (sub / name).write_bytes(data)
+            c.append(row("c", i, name, data=data))
+    write_parquet(sub / "c.parquet", c, pa.string())
+    return rows
+
+
+def write_config(path: Path, model: Path, inputs: list, out: Path, prompt: str = PROMPT, **run) -> Path:
+    doc = {"model": {"path": str(model), "dtype": "float32", "device": "cpu"},
+           "input": {"paths": [str(p) for p in inputs], "columns": ["category"]},
+           "task": {"prompt": prompt, "yes": "yes", "no": "no"},
+           "output": {"path": str(out)},
+           "run": {"batch_tokens": 2048, "workers": 0, "rows_per_unit": 16, "log_every_s": 1} | run}
+    path.write_text(json.dumps(doc, indent=2))  # JSON is YAML
+    return path
+
+
+# --- processes and output ------------------------------------------------------------------------
+
+def start(config: Path, *args) -> subprocess.Popen:
+    """`po-batch run CONFIG` in its own session, so that the test can clean up its prep workers."""
+    return subprocess.Popen([sys.executable, "-m", "po_batch.cli", "run", str(config), *args],
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def finish(p: subprocess.Popen, timeout: float = TIMEOUT_S) -> tuple[int, str]:
+    try:
+        _, err = p.communicate(timeout=timeout)
+    finally:
+        kill_group(p)
+    return p.returncode, err
+
+
+def kill_group(p: subprocess.Popen) -> None:
+    try:
+        os.killpg(p.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    p.wait()
+
+
+def run(config: Path, *args) -> tuple[int, str]:
+    return finish(start(config, *args))
+
+
+def markers(out: Path) -> dict[str, dict]:
+    folder = out / "_po_batch" / "done"
+    if not folder.is_dir():
+        return {}
+    found = {}
+    for f in folder.iterdir():
+        if f.suffix == ".json" and not f.name.startswith("."):
+            found[f.stem] = json.loads(f.read_text())
+    return found
+
+
+def plan_units(out: Path) -> dict[str, int]:
+    """unit id -> rows, from the output's plan."""
+    from po_batch.data.plan import plan_from_doc, read_plan_doc
+
+    return {u.id: u.rows for u in plan_from_doc(read_plan_doc(str(out))).units}
+
+
+def claim_files(out: Path) -> list[str]:
+    folder = out / "_po_batch" / "claims"
+    return sorted(f.name for f in folder.iterdir()) if folder.is_dir() else []
+
+
+def parts(out: Path) -> set[str]:
+    return {f.name.removeprefix("part-").removesuffix(".parquet") for f in out.glob("part-*.parquet")}
+
+
+def output(out: Path) -> pa.Table:
+    return ds.dataset(str(out), format="parquet").to_table().sort_by("id")
+
+
+def summary(stderr: str) -> tuple[int, int]:
+    """(rows, units) from the run's closing summary."""
+    m = re.search(r"rows scored\s+(\d+) in (\d+) units", stderr)
+    assert m, stderr
+    return int(m[1]), int(m[2])
+
+
+def owner_pid(marker: dict) -> int:
+    return int(marker["owner"].split(":")[1])
+
+
+def wait_for(cond, p: subprocess.Popen, what: str, timeout: float = TIMEOUT_S) -> None:
+    deadline = time.time() + timeout
+    while not cond():
+        if p.poll() is not None:
+            raise AssertionError(f"the run exited ({p.returncode}) before {what}: {p.stderr.read()}")
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.005)
+
+
+def assert_each_input_row_once(out: Path, corpus: dict) -> pa.Table:
+    table = output(out)
+    ids = table.column("id").to_pylist()
+    assert len(ids) == len(set(ids)), "an id appears twice"
+    assert sorted(ids) == sorted(corpus)
+    return table
+
+
+# --- fixtures ------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("corpus")
+    return root, build_corpus(root)
+
+
+@pytest.fixture(scope="module")
+def clean_run(corpus, tiny_qwen3_vl, tmp_path_factory):
+    """One uninterrupted run over the corpus: the reference the other runs must reproduce."""
+    root, _ = corpus
+    base = tmp_path_factory.mktemp("clean")
+    cfg = write_config(base / "config.yaml", tiny_qwen3_vl, [root / "data"], base / "out", workers=1)
+    code, err = run(cfg)
+    assert code == 0, err
+    return cfg, base / "out", err
+
+
+# --- tests ---------------------------------------------------------------------------------------
+
+def test_run_scores_good_rows_like_the_engine_and_records_bad_rows(corpus, clean_run):
+    _, rows = corpus
+    cfg, out, err = clean_run
+    table = assert_each_input_row_once(out, rows)
+    assert table.column_names == ["id", "category", "yes_logit", "no_logit", "p_yes", "error"]
+    got = {r["id"]: r for r in table.to_pylist()}
+
+    for rid, want in rows.items():
+        r = got[rid]
+        assert r["category"] == want["category"]
+        if want["kind"]:
+            assert r["error"] and r["error"].startswith(f"{want['kind']}: "), (rid, r["error"])
+            assert r["yes_logit"] is None and r["no_logit"] is None and r["p_yes"] is None
+        else:
+            assert r["error"] is None, (rid, r["error"])
+    assert "nope.jpg" in got["c-009"]["error"]
+    assert "no image" in got["b-012"]["error"]
+
+    good = [rid for rid, want in rows.items() if not want["kind"]]
+    scorer = open_scorer(load_config(cfg), "cpu", "float32", workers=0)
+    samples = [scorer.prep((rows[rid]["image"], {"id": rid, "category": rows[rid]["category"]})) for rid in good]
+    ref = scorer.engine.score(samples)
+    yes = np.array([got[rid]["yes_logit"] for rid in good])
+    no = np.array([got[rid]["no_logit"] for rid in good])
+    np.testing.assert_allclose(yes, ref[:, 0], rtol=0, atol=1e-5)
+    np.testing.assert_allclose(no, ref[:, 1], rtol=0, atol=1e-5)
+    p_yes = np.array([got[rid]["p_yes"] for rid in good])
+    np.testing.assert_allclose(p_yes, 1 / (1 + np.exp(no - yes)), rtol=0, atol=1e-6)
+
+    assert summary(err) == (len(rows), len(plan_units(out)))
+    kinds = {}
+    for m in markers(out).values():
+        for k, n in m["error_kinds"].items():
+            kinds[k] = kinds.get(k, 0) + n
+    want_kinds = {}
+    for want in rows.values():
+        if want["kind"]:
+            want_kinds[want["kind"]] = want_kinds.get(want["kind"], 0) + 1
+    assert kinds == want_kinds
+    assert claim_files(out) == []
+
+
+class DatasetReader(threading.Thread):
+    """Opens pyarrow.dataset.dataset(out) over and over, as a user's notebook would during a run, and records
+    anything that is not a set of whole units with each id once."""
+
+    def __init__(self, out: Path, unit_rows: dict[str, int]):
+        super().__init__(daemon=True)
+        self.out, self.unit_rows = out, unit_rows
+        self.stop = threading.Event()
+        self.reads, self.nonempty, self.errors = 0, 0, []
+
+    def run(self):
+        while not self.stop.is_set():
+            if self.out.is_dir():
+                try:
+                    dataset = ds.dataset(str(self.out), format="parquet")
+                    table = dataset.to_table()
+                    self.reads += 1
+                    if dataset.files:
+                        self.nonempty += 1
+                        want = sum(self.unit_rows[Path(f).stem.removeprefix("part-")] for f in dataset.files)
+                        ids = table.column("id").to_pylist()
+                        if len(ids) != want or len(set(ids)) != len(ids):
+                            self.errors.append(f"{len(ids)} rows ({len(set(ids))} ids) from whole parts of {want}")
+                except Exception as e:  # noqa: BLE001 - any failure to read is what this thread is for
+                    self.errors.append(repr(e))
+            time.sleep(0.01)
+
+
+def test_resume_after_sigkill_writes_each_row_once_with_identical_scores(corpus, clean_run, tiny_qwen3_vl, tmp_path):
+    _, rows = corpus
+    _, clean_out, _ = clean_run
+    unit_rows = plan_units(clean_out)
+    out = tmp_path / "out"
+    cfg = write_config(tmp_path / "config.yaml", tiny_qwen3_vl, [corpus[0] / "data"], out, workers=1)
+    seed = random.randrange(1 << 30)
+    rng = random.Random(seed)
+    reader = DatasetReader(out, unit_rows)
+    reader.start()
+    try:
+        for kill in range(5):
+            before = len(markers(out))
+            p = start(cfg)
+            try:
+                wait_for(lambda: len(markers(out)) > before, p, f"a unit committed (kill {kill}, seed {seed})")
+                # a random moment mid-run, but never so late that the run ends first: at most 2 more units
+                deadline = time.time() + rng.uniform(0, 1.5)
+                while time.time() < deadline and len(markers(out)) < before + 2:
+                    time.sleep(0.002)
+                assert p.poll() is None, f"the run finished before kill {kill} (seed {seed})"
+                p.send_signal(signal.SIGKILL)
+                p.wait(TIMEOUT_S)
+                assert p.returncode == -signal.SIGKILL
+            finally:
+                kill_group(p)
+            assert len(markers(out)) < len(unit_rows)
+        # the dead workers' claims name pids of this host that no longer exist: the next run takes them over at once
+        assert claim_files(out), "the killed runs left no claims: the kills did not land mid-unit"
+        code, err = run(cfg)
+        assert code == 0, err
+    finally:
+        reader.stop.set()
+        reader.join()
+    assert reader.errors == []
+    assert reader.nonempty > 0
+    assert set(markers(out)) == set(unit_rows) == parts(out)
+    assert claim_files(out) == []
+    assert_each_input_row_once(out, rows)
+    resumed, clean = output(out), output(clean_out)
+    for name in clean.column_names:  # exactly: a unit's scores must not depend on where a run was cut
+        assert resumed.column(name).equals(clean.column(name)), f"{name} differs from an uninterrupted run's"
+
+
+def hold_plan_lock(out: Path):
+    state = out / "_po_batch"
+    state.mkdir(parents=True)
+    lock = open(state / "plan.lock", "a")
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    return lock
+
+
+def blocked_on_lock(pids: list[int]) -> bool:
+    waiting = {int(line.split()[5]) for line in Path("/proc/locks").read_text().splitlines() if " -> " in line}
+    return set(pids) <= waiting
+
+
+def test_two_concurrent_runs_share_the_units_and_commit_each_once(corpus, tiny_qwen3_vl, tmp_path):
+    root, rows = corpus
+    out = tmp_path / "out"
+    cfg = write_config(tmp_path / "config.yaml", tiny_qwen3_vl, [root / "data"], out)
+    # hold the plan lock until both have started up, so that they really score at the same time
+    lock = hold_plan_lock(out)
+    procs = [start(cfg), start(cfg)]
+    try:
+        wait_for(lambda: blocked_on_lock([p.pid for p in procs]), procs[0], "both runs waiting for the plan")
+        lock.close()
+        results = [finish(p) for p in procs]
+    finally:
+        lock.close()
+        for p in procs:
+            kill_group(p)
+    for code, err in results:
+        assert code == 0, err
+    units = plan_units(out)
+    done = markers(out)
+    assert set(done) == set(units) == parts(out)
+    owners = {owner_pid(m) for m in done.values()}
+    assert owners == {p.pid for p in procs}, "both runs should have committed units"
+    # each unit scored by one run only: the runs' own counts add up to the plan exactly
+    scored = [summary(err) for _, err in results]
+    assert sum(r for r, _ in scored) == len(rows)
+    assert sum(u for _, u in scored) == len(units)
+    for m in done.values():
+        assert m["owner"].split(":")[1] in {str(p.pid) for p in procs}
+    assert_each_input_row_once(out, rows)
+    assert claim_files(out) == []
+
+
+def test_sigterm_commits_claimed_units_releases_claims_and_exits_3(corpus, tiny_qwen3_vl, tmp_path):
+    root, rows = corpus
+    out = tmp_path / "out"
+    cfg = write_config(tmp_path / "config.yaml", tiny_qwen3_vl, [root / "data"], out)
+    p = start(cfg)
+    try:
+        wait_for(lambda: markers(out), p, "a unit committed")
+        p.send_signal(signal.SIGTERM)
+        code, err = finish(p)
+    finally:
+        kill_group(p)
+    assert code == 3, err
+    assert "SIGTERM" in err
+    units = plan_units(out)
+    done = markers(out)
+    assert 0 < len(done) < len(units)
+    assert parts(out) == set(done), "a part without its marker, or a marker without its part"
+    assert claim_files(out) == []
+    for uid in done:
+        assert pq.read_metadata(out / f"part-{uid}.parquet").num_rows == units[uid]
+
+    code, err = run(cfg)
+    assert code == 0, err
+    assert summary(err) == (sum(units[u] for u in units if u not in done), len(units) - len(done))
+    assert set(markers(out)) == set(units) == parts(out)
+    assert_each_input_row_once(out, rows)
+
+
+def test_shards_together_cover_every_unit_once(corpus, tiny_qwen3_vl, tmp_path):
+    root, rows = corpus
+    out = tmp_path / "out"
+    cfg = write_config(tmp_path / "config.yaml", tiny_qwen3_vl, [root / "data"], out)
+    procs = [start(cfg, "--shard", "0/2"), start(cfg, "--shard", "1/2")]
+    try:
+        results = [finish(p) for p in procs]
+    finally:
+        for p in procs:
+            kill_group(p)
+    for code, err in results:
+        assert code == 0, err
+    units = list(plan_units(out))
+    done = markers(out)
+    assert set(done) == set(units) == parts(out)
+    for k, uid in enumerate(units):
+        assert owner_pid(done[uid]) == procs[k % 2].pid, f"unit {uid} was scored by the other shard"
+    assert [summary(err)[1] for _, err in results] == [len(units[0::2]), len(units[1::2])]
+    assert_each_input_row_once(out, rows)
+    assert claim_files(out) == []
+
+
+def test_input_added_after_a_finished_run_is_scored_alone_by_the_next(tiny_qwen3_vl, tmp_path):
+    rng = random.Random(1)
+    data = tmp_path / "data"
+    for name, n in (("x", 30), ("y", 20)):
+        write_parquet(data / f"{name}.parquet", [{"id": f"{name}-{i}", "image": picture(rng, "JPEG"),
+                                                  "category": "dog"} for i in range(n)])
+    out = tmp_path / "out"
+    cfg = write_config(tmp_path / "config.yaml", tiny_qwen3_vl, [data / "*.parquet"], out)
+    code, err = run(cfg)
+    assert code == 0, err
+    before = {f.name: f.stat().st_mtime_ns for f in [*out.glob("part-*"), *(out / "_po_batch" / "done").iterdir()]}
+    old_units = set(markers(out))
+
+    write_parquet(data / "z.parquet", [{"id": f"z-{i}", "image": picture(rng, "PNG"), "category": "cat"}
+                                       for i in range(12)])
+    code, err = run(cfg)
+    assert code == 0, err
+    assert summary(err) == (12, 1)
+    after = {f.name: f.stat().st_mtime_ns for f in [*out.glob("part-*"), *(out / "_po_batch" / "done").iterdir()]}
+    assert {k: after[k] for k in before} == before, "a finished unit was rewritten"
+    new_units = set(markers(out)) - old_units
+    assert new_units == {"f00002-r000000000"}
+    assert set(markers(out)) == set(plan_units(out)) == parts(out)
+    ids = output(out).column("id").to_pylist()
+    assert len(ids) == len(set(ids)) == 62
+    assert {i for i in ids if i.startswith("z-")} == {f"z-{i}" for i in range(12)}
+
+
+def test_duplicate_id_in_a_unit_is_a_usage_error_naming_file_and_id(tiny_qwen3_vl, tmp_path):
+    rng = random.Random(2)
+    ids = [f"r-{i}" for i in range(20)]
+    ids[14] = "r-11"
+    bad = tmp_path / "data" / "dup.parquet"
+    write_parquet(bad, [{"id": i, "image": picture(rng, "JPEG"), "category": "car"} for i in ids])
+    cfg = write_config(tmp_path / "config.yaml", tiny_qwen3_vl, [bad], tmp_path / "out", rows_per_unit=100)
+    code, err = run(cfg)
+    assert code == 2, err
+    assert str(bad) in err and "'r-11'" in err, err
+    assert "Traceback" not in err
+    assert claim_files(tmp_path / "out") == []
