@@ -15,16 +15,12 @@ def tiny_qwen3_vl(tmp_path_factory):
     return build_checkpoint(tmp_path_factory.mktemp("ckpt"), "qwen3_vl")
 
 
-def cli_env() -> dict:
-    return {**os.environ, "PYTHONUNBUFFERED": "1"}
-
-
 @pytest.fixture(scope="session")
 def po_batch_cli():
-    """Runs `po-batch ARGS...` in a subprocess; returns the CompletedProcess (text stdout/stderr)."""
+    """Runs `po-batch ARGS...` in a subprocess and returns the CompletedProcess (text stdout and stderr)."""
 
-    def run(*args, timeout: float = 120) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "po_batch.cli", *map(str, args)], env=cli_env(),
-                              capture_output=True, text=True, timeout=timeout)
+    def run(*args, timeout: float = 180) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "po_batch.cli", *map(str, args)], capture_output=True, text=True,
+                              env={**os.environ, "PYTHONUNBUFFERED": "1"}, timeout=timeout)
 
     return run

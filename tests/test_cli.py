@@ -11,12 +11,13 @@ import pytest
 from po_batch.demo import CONFIG, build_corpus
 
 
-def config_text(model, data, out, **replace) -> str:
-    """The demo's config (YAML as users write it: `yes: yes` unquoted) on a given model, input folder and output."""
+def config_text(model, data, out, *edits: tuple[str, str]) -> str:
+    """The demo's config (YAML as users write it: `yes: yes` unquoted) on a given model, input folder and output,
+    with (old, new) text edits."""
     text = (CONFIG.replace("path: model", f"path: {model}").replace("[data/*.parquet]", f"[{data}]")
             .replace("path: out", f"path: {out}")
             .replace("rows_per_unit: 250", "rows_per_unit: 20").replace("workers: auto", "workers: 0"))
-    for old, new in replace.items():
+    for old, new in edits:
         assert old in text
         text = text.replace(old, new)
     return text
@@ -29,7 +30,7 @@ def config_text(model, data, out, **replace) -> str:
 ], ids=["unknown-key", "bad-type", "prompt-field"])
 def test_config_error_exits_2_naming_the_key(po_batch_cli, tmp_path, old, new, key):
     cfg = tmp_path / "config.yaml"
-    cfg.write_text(config_text(tmp_path / "model", tmp_path / "data", tmp_path / "out", **{old: new}))
+    cfg.write_text(config_text(tmp_path / "model", tmp_path / "data", tmp_path / "out", (old, new)))
     res = po_batch_cli("run", cfg, timeout=60)
     assert res.returncode == 2, res.stderr
     assert f"po-batch: {key}" in res.stderr
@@ -72,8 +73,8 @@ def test_changed_prompt_is_refused_and_restart_redoes_the_results(partial_run, t
     done = out / "_po_batch" / "done"
     before = {f.name: f.read_text() for f in done.iterdir()}
     cfg = tmp_path / "config.yaml"
-    cfg.write_text(config_text(tiny_qwen3_vl, partial_run / "data", out, **{"Is there a {category} in this image?":
-                                                      "Does the photo show a {category}?"}))
+    cfg.write_text(config_text(tiny_qwen3_vl, partial_run / "data", out,
+                               ("Is there a {category} in this image?", "Does the photo show a {category}?")))
 
     res = po_batch_cli("run", cfg)
     assert res.returncode == 2, res.stderr
