@@ -59,8 +59,9 @@ class Runner:
         self.stats = RunStats()
         self.writer = ThreadPoolExecutor(1, thread_name_prefix="po-batch-writer")
         self.commits = []
+        self.inflight = None  # (engine handle, its rows): the batch on the device
 
-    # --- reading (runs in the prep pool's feeder thread) ---------------------------------------
+    # --- reading (runs in the prep pool's reader thread) ---------------------------------------
 
     def candidates(self) -> list[Unit]:
         i, n = self.shard or (0, 1)
@@ -115,6 +116,7 @@ class Runner:
                 pending.append((st, i, result))
                 tokens += result.tokens
             self.score(pending, progress)
+            self.score([], progress)  # the last launched batch
             for f in self.commits:
                 f.result()
         finally:
@@ -127,12 +129,15 @@ class Runner:
         return EXIT_STOPPED if self.stopping and left else EXIT_DONE
 
     def score(self, pending, progress: Progress) -> None:
-        if not pending:
-            return
-        logits = self.scorer.engine.score([s for _, _, s in pending])
-        for (st, i, _), row in zip(pending, logits):
-            st.logits[i] = row
-        self.finish_rows([(st, i) for st, i, _ in pending], progress)
+        """Launch `pending` on the device, then collect the batch launched before it: the device always has the
+        next batch queued while the host reads the results of the last and prepares more."""
+        launched = (self.scorer.engine.launch([s for _, _, s in pending]), pending) if pending else None
+        if self.inflight:
+            handle, rows = self.inflight
+            for (st, i, _), row in zip(rows, handle.result()):
+                st.logits[i] = row
+            self.finish_rows([(st, i) for st, i, _ in rows], progress)
+        self.inflight = launched
 
     def finish_rows(self, done: list, progress: Progress) -> None:
         errors = 0

@@ -215,7 +215,8 @@ def main():
               "matmul_tflops": benchlib.matmul_tflops() if DEVICE == "cuda" else 1.0}
     print(f"card {record['env'].get('card')}: bf16 matmul {record['matmul_tflops']:.0f} TFLOP/s")
     for name in args.workloads.split(","):
-        ckpt_name, kind, max_pixels = WORKLOADS[name]
+        base, _, budget = name.partition("@")  # name@N: the same workload with batch_tokens N
+        ckpt_name, kind, max_pixels = WORKLOADS[base]
         ckpt = benchlib.make_checkpoint(ckpt_name, Path(args.work) / ckpt_name, DEVICE, tiny=args.cpu_smoke)
         vision = kind is not None
         n = args.samples if kind != "mixed" else args.samples // 2
@@ -224,7 +225,7 @@ def main():
             "input": {"paths": ["/tmp/unused.parquet"], "image_column": "image" if vision else None,
                       "columns": ["category"] if vision else ["query", "doc"]},
             "task": {"prompt": VL_PROMPT if vision else TEXT_PROMPT},
-            "image": {"max_pixels": max_pixels}})
+            "image": {"max_pixels": max_pixels}, "run": {"batch_tokens": int(budget or 16384)}})
         rows = rows_for(kind, n)
         eager = None
         if name in args.eager.split(","):  # before/after of the fused (torch.compile) graphs, same run

@@ -409,6 +409,27 @@ def test_sigterm_commits_claimed_units_releases_claims_and_exits_3(corpus, tiny_
     assert_each_input_row_once(out, rows)
 
 
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_signal_to_the_whole_process_group_with_prep_workers_stops_cleanly(corpus, tiny_qwen3_vl, tmp_path, sig):
+    """Ctrl-C and scancel reach the prep workers too: the run must still finish its claimed units and exit."""
+    root, rows = corpus
+    out = tmp_path / "out"
+    cfg = write_config(tmp_path / "config.yaml", tiny_qwen3_vl, [root / "data"], out, workers=2)
+    p = start(cfg)
+    try:
+        wait_for(lambda: markers(out), p, "a unit committed")
+        os.killpg(p.pid, sig)
+        code, err = finish(p, timeout=120)
+    finally:
+        kill_group(p)
+    assert code in (0, 3), err  # 0 when every unit was already claimed when the signal came
+    assert claim_files(out) == []
+    assert parts(out) == set(markers(out))
+    code, err = run(cfg)
+    assert code == 0, err
+    assert_each_input_row_once(out, rows)
+
+
 def test_shards_together_cover_every_unit_once(corpus, tiny_qwen3_vl, tmp_path):
     root, rows = corpus
     out = tmp_path / "out"

@@ -3,6 +3,7 @@ how many rows are in flight, so reading never runs far ahead of the engine."""
 
 import collections
 import multiprocessing as mp
+import signal
 import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -46,51 +47,89 @@ class Prep:
             return RowError("prep", f"{type(e).__name__}: {e}")
 
 
-_PREP: Prep | None = None
-
-
-def _init(prep: Prep) -> None:
-    global _PREP
-    _PREP = prep
-
-
-def _run(row):
-    return _PREP(row)
+def _worker(conn, prep: Prep) -> None:
+    # Signals are the parent's to handle: Ctrl-C, scancel and Slurm's USR1 reach the whole process group, and a
+    # worker dying mid-task would lose its rows. The parent finishes, then closes the pipe (or kills us).
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
+    while True:
+        try:
+            conn.send(prep(conn.recv()))
+        except (EOFError, OSError):  # the parent closed our pipe: done (or it stopped early)
+            return
 
 
 class PrepPool:
+    """Worker processes, each with its own pipe: row k goes to worker k % n and its result is read back from there,
+    so results come in input order and no lock is shared (a killed worker cannot wedge the others)."""
+
     def __init__(self, prep: Prep, workers: int, inflight: int = 512):
         self.prep, self.inflight = prep, inflight
         self.room = threading.Semaphore(inflight)
         self.closing = False
         # spawn: the parent holds threads and maybe a CUDA context, neither of which survives fork safely
-        self.pool = mp.get_context("spawn").Pool(workers, _init, (prep,)) if workers > 0 else None
+        ctx = mp.get_context("spawn")
+        self.conns, self.procs = [], []
+        for _ in range(workers):
+            parent, child = ctx.Pipe()
+            proc = ctx.Process(target=_worker, args=(child, prep), daemon=True, name="po-batch-prep")
+            proc.start()
+            child.close()
+            self.conns.append(parent)
+            self.procs.append(proc)
 
     def map(self, items: Iterable[tuple[object, tuple]]) -> Iterator[tuple[object, Sample | RowError]]:
-        """items: (key, row) pairs; yields (key, result) in the same order. The input iterable is consumed
-        at most `inflight` rows ahead of what the caller has taken."""
-        if self.pool is None:
+        """items: (key, row) pairs; yields (key, result) in the same order. The input iterable is consumed in a
+        feeder thread, at most `inflight` rows ahead of what the caller has taken; its exceptions reach the caller."""
+        if not self.conns:
             for key, row in items:
                 yield key, self.prep(row)
             return
-        keys = collections.deque()
+        keys, sent, done, failure = collections.deque(), threading.Semaphore(0), threading.Event(), []
 
-        def feed():  # runs in the pool's task-handler thread
-            for key, row in items:
-                self.room.acquire()
-                if self.closing:
-                    return
-                keys.append(key)
-                yield row
+        def feed():
+            try:
+                for k, (key, row) in enumerate(items):
+                    self.room.acquire()
+                    if self.closing:
+                        return
+                    keys.append(key)
+                    self.conns[k % len(self.conns)].send(row)
+                    sent.release()
+            except BaseException as e:  # noqa: BLE001 - handed to the caller below
+                failure.append(e)
+            finally:
+                done.set()
+                sent.release()
 
-        for result in self.pool.imap(_run, feed(), chunksize=4):
+        feeder = threading.Thread(target=feed, name="po-batch-reader", daemon=True)
+        feeder.start()
+        k = 0
+        while True:
+            sent.acquire()
+            if not keys:
+                if done.is_set():
+                    break
+                continue
+            try:
+                result = self.conns[k % len(self.conns)].recv()
+            except EOFError:
+                raise RuntimeError("a prep worker process died (killed, or out of memory); rerun to resume") from None
+            k += 1
             self.room.release()
             yield keys.popleft(), result
+        feeder.join()
+        if failure:
+            raise failure[0]
 
     def close(self) -> None:
-        if self.pool is not None:
-            self.closing = True
-            for _ in range(self.inflight):  # unblock a feeder waiting for room, so the pool can stop
-                self.room.release()
-            self.pool.terminate()
-            self.pool.join()
+        self.closing = True
+        for _ in range(self.inflight):  # unblock a feeder waiting for room
+            self.room.release()
+        for conn in self.conns:
+            conn.close()
+        for proc in self.procs:
+            proc.join(timeout=5)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
