@@ -47,6 +47,10 @@ class RunStats:
     rows: int = 0
     errors: collections.Counter = field(default_factory=collections.Counter)
     units: int = 0
+    # where the scoring thread spent its time: waiting for prepared rows, queuing device work, waiting for results
+    wait_prep_s: float = 0.0
+    launch_s: float = 0.0
+    wait_device_s: float = 0.0
 
 
 class Runner:
@@ -101,7 +105,14 @@ class Runner:
         if self.claims:
             self.claims.start_heartbeat(max(1.0, self.cfg.run.claim_ttl_s / 10))
         try:
-            for (st, i), result in pool.map(self.rows()):
+            results = pool.map(self.rows())
+            while True:
+                t = time.perf_counter()
+                item = next(results, None)
+                self.stats.wait_prep_s += time.perf_counter() - t
+                if item is None:
+                    break
+                (st, i), result = item
                 if isinstance(result, RowError):
                     st.errors[i] = str(result)
                     st.kinds[result.kind] += 1
@@ -131,10 +142,15 @@ class Runner:
     def score(self, pending, progress: Progress) -> None:
         """Launch `pending` on the device, then collect the batch launched before it: the device always has the
         next batch queued while the host reads the results of the last and prepares more."""
+        t = time.perf_counter()
         launched = (self.scorer.engine.launch([s for _, _, s in pending]), pending) if pending else None
+        self.stats.launch_s += time.perf_counter() - t
         if self.inflight:
             handle, rows = self.inflight
-            for (st, i, _), row in zip(rows, handle.result()):
+            t = time.perf_counter()
+            logits = handle.result()
+            self.stats.wait_device_s += time.perf_counter() - t
+            for (st, i, _), row in zip(rows, logits):
                 st.logits[i] = row
             self.finish_rows([(st, i) for st, i, _ in rows], progress)
         self.inflight = launched
@@ -164,8 +180,9 @@ class Runner:
         self.stats.errors.update(st.kinds)
 
 
-def run(cfg: Config, restart: bool = False, shard: tuple[int, int] | None = None) -> int:
-    """`po-batch run`: plan or resume, score every unclaimed unit, commit each; returns the exit code."""
+def run(cfg: Config, restart: bool = False, shard: tuple[int, int] | None = None, stats: RunStats | None = None) -> int:
+    """`po-batch run`: plan or resume, score every unclaimed unit, commit each; returns the exit code.
+    `stats`, when given, is filled in as the run goes (benchmarks read it)."""
     import torch
 
     device = resolved_device(cfg, torch.cuda.is_available())
@@ -176,6 +193,8 @@ def run(cfg: Config, restart: bool = False, shard: tuple[int, int] | None = None
     clean_orphans(cfg.output.path)
     drop_done_claims(cfg.output.path)
     runner = Runner(cfg, scorer, plan, shard)
+    if stats is not None:
+        runner.stats = stats
     todo = runner.candidates()
     if not todo:
         print(f"nothing to do: all {len(plan.units)} units of {cfg.output.path} are done")

@@ -54,4 +54,6 @@ class Progress:
             f"[bold]po-batch run {state}[/bold]\n"
             f"  rows scored    {stats.rows} in {stats.units} units ({sum(stats.errors.values())} row errors: {kinds})\n"
             f"  throughput     {stats.rows / max(wall_s, 1e-9):.1f} rows/s over {wall_s:.1f} s\n"
+            f"  scoring thread waited {stats.wait_prep_s:.1f} s for prep, {stats.wait_device_s:.1f} s for the device; "
+            f"queuing device work took {stats.launch_s:.1f} s\n"
             f"  output         {out}  (read it with pyarrow.dataset.dataset({out!r}))", highlight=False, soft_wrap=True)

@@ -54,7 +54,6 @@ def main():
     rows = [(benchlib.photo_jpeg(448, 448, i), {"id": i, "category": "dog"}) for i in range(64)]
     samples = [scorer.prep(rows[i % 64]) for i in range(1024)]
     t = time.perf_counter()
-    prep_ms = None
     for r in rows:
         scorer.prep(r)
     prep_ms = (time.perf_counter() - t) / len(rows) * 1000
@@ -68,7 +67,8 @@ def main():
     torch.cuda.empty_cache()
 
     t = time.perf_counter()
-    code = pipeline.run(cfg, restart=True)
+    stats = pipeline.RunStats()
+    code = pipeline.run(cfg, restart=True, stats=stats)
     wall = time.perf_counter() - t
     markers = sorted(done_units(cfg.output.path).values(), key=lambda m: m["finished_at"])
     # steady state: rows committed after the first unit, over the time since the first unit committed
@@ -76,7 +76,9 @@ def main():
     record = {"env": benchlib.environment(), "cores": cores, "rows": args.rows, "exit_code": code,
               "prep_ms_per_image_one_core": prep_ms, "engine_only_rows_per_s": engine_rate,
               "e2e_wall_s": wall, "e2e_rows_per_s_including_startup": args.rows / wall,
-              "e2e_rows_per_s_steady": steady, "e2e_over_engine": steady / engine_rate}
+              "e2e_rows_per_s_steady": steady, "e2e_over_engine": steady / engine_rate,
+              "scoring_thread": {"wait_prep_s": stats.wait_prep_s, "launch_s": stats.launch_s,
+                                 "wait_device_s": stats.wait_device_s}}
     benchlib.write_json(Path(args.out), record)
     print(json.dumps(record, indent=1))
     print(f"\n{'engine-only/s':>14}{'e2e steady/s':>14}{'ratio':>8}{'e2e incl. start/s':>19}{'prep ms/img':>12}")

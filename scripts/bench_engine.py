@@ -6,6 +6,7 @@ bf16 matmul rate, peak GPU memory, and bf16 parity (max |Δ P(yes)|, answer agre
 """
 
 import argparse
+import collections
 import gc
 import math
 import sys
@@ -19,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchlib  # noqa: E402
 
 from po_batch.config import config_from_dict  # noqa: E402
+from po_batch.layers import attention  # noqa: E402
 from po_batch.scorer import open_scorer  # noqa: E402
 
 VL_PROMPT = "Is there a {category} anywhere in this photo? Look carefully at every part of the image, then answer yes or no."
@@ -115,21 +117,30 @@ def count_syncs(fn) -> int:
     return sum("synchroniz" in str(w.message) for w in caught)
 
 
-def profile_table(fn, rows: int = 30) -> list[dict]:
+def profile_table(fn, rows: int = 20) -> dict:
+    """Device time by kernel family (GEMM, attention, fused Triton, other) and the top kernels."""
+    import re
+
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         fn()
         torch.cuda.synchronize()
-    events = [e for e in prof.key_averages() if e.device_time_total > 0]
-    total = sum(e.self_device_time_total for e in events)
-    top = sorted(events, key=lambda e: e.self_device_time_total, reverse=True)[:rows]
-    table = [{"name": e.key[:90], "self_device_ms": e.self_device_time_total / 1e3, "calls": e.count,
-              "share": e.self_device_time_total / total} for e in top]
-    print(f"profile: {total / 1e3:.1f} ms of device time")
-    for r in table:
-        print(f"  {r['share']:6.1%} {r['self_device_ms']:9.2f} ms {r['calls']:6d}x  {r['name']}")
-    return table
+    kernels = [e for e in prof.key_averages() if e.device_type == DeviceType.CUDA and e.self_device_time_total > 0]
+    total = sum(e.self_device_time_total for e in kernels)
+    families = {"gemm": r"nvjet|gemm|cutlass|xmma|sm90_", "attention": r"flash|fmha|cudnn|attention",
+                "fused_triton": r"^triton_", "copy": r"[Mm]emcpy|copy"}
+    split = collections.Counter()
+    for e in kernels:
+        split[next((f for f, rx in families.items() if re.search(rx, e.key)), "other")] += e.self_device_time_total
+    top = sorted(kernels, key=lambda e: e.self_device_time_total, reverse=True)[:rows]
+    print(f"profile: {total / 1e3:.1f} ms of kernel time; " +
+          ", ".join(f"{f} {t / total:.1%}" for f, t in split.most_common()))
+    for e in top:
+        print(f"  {e.self_device_time_total / total:6.1%} {e.self_device_time_total / 1e3:9.2f} ms {e.count:6d}x  {e.key[:80]}")
+    return {"kernel_ms": total / 1e3, "share": {f: t / total for f, t in split.items()},
+            "top": [{"name": e.key[:100], "ms": e.self_device_time_total / 1e3, "calls": e.count} for e in top]}
 
 
 def hf_inputs(ckpt_dir, rows, cfg, batch: int):
@@ -205,6 +216,7 @@ def main():
     ap.add_argument("--work", default="/tmp/po-batch-bench")
     ap.add_argument("--out", default=str(benchlib.ROOT / "bench" / "results" / "engine.json"))
     ap.add_argument("--eager", default="qwen3_vl_2b", help="workloads also measured without fused graphs")
+    ap.add_argument("--varlen-only", default="qwen3_vl_2b", help="workloads also measured without dense attention")
     ap.add_argument("--profile", default="qwen3_vl_2b", help="workloads to profile (top device kernels)")
     ap.add_argument("--cpu-smoke", action="store_true", help="a tiny model on the CPU, to check the script itself")
     args = ap.parse_args()
@@ -227,9 +239,13 @@ def main():
             "task": {"prompt": VL_PROMPT if vision else TEXT_PROMPT},
             "image": {"max_pixels": max_pixels}, "run": {"batch_tokens": int(budget or 16384)}})
         rows = rows_for(kind, n)
-        eager = None
+        eager = varlen = None
         if name in args.eager.split(","):  # before/after of the fused (torch.compile) graphs, same run
             eager = {k: v for k, v in bench_pobatch(cfg, rows, fuse=False).items() if k not in ("logits", "samples")}
+        if name in args.varlen_only.split(","):  # before/after of the dense attention path for same-size images
+            attention.DENSE_WHEN_UNIFORM = False
+            varlen = {k: v for k, v in bench_pobatch(cfg, rows).items() if k not in ("logits", "samples")}
+            attention.DENSE_WHEN_UNIFORM = True
         ours = bench_pobatch(cfg, rows, profile=name in args.profile.split(","))
         theirs = bench_hf(ckpt, rows, cfg, open_scorer(cfg, "cpu", "float32", 0, load=False).token_ids,
                           (4, 8) if args.cpu_smoke else (16, 32, 64))
@@ -240,6 +256,7 @@ def main():
         best = theirs["by_batch"][best_b]["samples_per_s"]
         w = {"samples": n, "flops_per_sample": flops,
              "pobatch": {k: v for k, v in ours.items() if k not in ("logits", "samples")}, "pobatch_eager": eager,
+             "pobatch_varlen_only": varlen,
              "transformers": theirs["by_batch"], "transformers_best_batch": int(best_b),
              "speedup_vs_best": ours["samples_per_s"] / best,
              "speedup_vs_b32": ours["samples_per_s"] / theirs["by_batch"]["32"]["samples_per_s"]

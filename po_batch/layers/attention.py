@@ -41,10 +41,17 @@ def backend(device: torch.device) -> str:
     return "sdpa"
 
 
+# Equal-length sequences (a batch of same-size images) take the dense batched path on CUDA, where cuDNN's
+# Hopper attention kernel is faster than the varlen flash kernel. A switch so benchmarks can compare both.
+DENSE_WHEN_UNIFORM = True
+
+
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: Varlen, causal: bool) -> torch.Tensor:
     """q: (Tq, Hq, D), k/v: (Tk, Hkv, D) -> (Tq, Hq, D). Causal masks align to the end of each key sequence,
     so a sequence whose queries are only its last positions sees all of its keys up to each query."""
     kind = backend(q.device)
+    if kind != "sdpa" and DENSE_WHEN_UNIFORM and not causal and meta.uniform:
+        return _dense(q, k, v, meta.uniform)
     if kind == "flash_attn":
         return _flash_attn()(q, k, v, meta.cu_q, meta.cu_k, meta.max_q, meta.max_k, causal=causal)
     if kind == "torch_varlen":
@@ -62,6 +69,16 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: Va
             kw["is_causal"] = causal
         return fn(q, k, v, meta.cu_q, meta.cu_k, meta.max_q, meta.max_k, **kw)
     return _sdpa(q, k, v, meta, causal)
+
+
+def _dense(q, k, v, length: int) -> torch.Tensor:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    shape = lambda t: t.view(-1, length, t.shape[1], t.shape[2]).transpose(1, 2)
+    with sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                      SDPBackend.MATH]):
+        o = F.scaled_dot_product_attention(shape(q), shape(k), shape(v), enable_gqa=q.shape[1] != k.shape[1])
+    return o.transpose(1, 2).reshape(q.shape)
 
 
 def _sdpa(q, k, v, meta: Varlen, causal: bool) -> torch.Tensor:

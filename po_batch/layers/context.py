@@ -15,6 +15,13 @@ class Varlen:
     lens_q: list[int]
     lens_k: list[int]
 
+    @property
+    def uniform(self) -> int | None:
+        """The common length when every sequence has the same length and queries are keys, else None."""
+        if self.lens_q is self.lens_k and self.lens_k and min(self.lens_k) == self.max_k:
+            return self.max_k
+        return None
+
     @classmethod
     def from_lens(cls, lens_k: list[int], device, lens_q: list[int] | None = None) -> "Varlen":
         """From per-sequence key lengths (and query lengths, when they differ: queries are the last ones)."""
