@@ -24,6 +24,9 @@ from po_batch.progress import Progress
 from po_batch.scorer import Scorer, open_scorer
 
 EXIT_DONE, EXIT_FAILED, EXIT_USAGE, EXIT_STOPPED = 0, 1, 2, 3
+# Batches queued on the device before the scoring thread waits for the oldest: two, so that a moment of
+# slow prep (or a unit boundary) never leaves the device idle.
+QUEUE_DEPTH = 2
 
 
 @dataclass
@@ -63,7 +66,7 @@ class Runner:
         self.stats = RunStats()
         self.writer = ThreadPoolExecutor(1, thread_name_prefix="po-batch-writer")
         self.commits = []
-        self.inflight = None  # (engine handle, its rows): the batch on the device
+        self.inflight = collections.deque()  # (engine handle, its rows) of the batches on the device
 
     # --- reading (runs in the prep pool's reader thread) ---------------------------------------
 
@@ -127,7 +130,7 @@ class Runner:
                 pending.append((st, i, result))
                 tokens += result.tokens
             self.score(pending, progress)
-            self.score([], progress)  # the last launched batch
+            self.settle(progress, keep=0)
             for f in self.commits:
                 f.result()
         finally:
@@ -140,20 +143,23 @@ class Runner:
         return EXIT_STOPPED if self.stopping and left else EXIT_DONE
 
     def score(self, pending, progress: Progress) -> None:
-        """Launch `pending` on the device, then collect the batch launched before it: the device always has the
-        next batch queued while the host reads the results of the last and prepares more."""
-        t = time.perf_counter()
-        launched = (self.scorer.engine.launch([s for _, _, s in pending]), pending) if pending else None
-        self.stats.launch_s += time.perf_counter() - t
-        if self.inflight:
-            handle, rows = self.inflight
+        """Queue `pending` on the device, then collect the oldest batches beyond QUEUE_DEPTH: the device always
+        has work queued while the host reads results and prepares more."""
+        if pending:
+            t = time.perf_counter()
+            self.inflight.append((self.scorer.engine.launch([s for _, _, s in pending]), pending))
+            self.stats.launch_s += time.perf_counter() - t
+        self.settle(progress, keep=QUEUE_DEPTH)
+
+    def settle(self, progress: Progress, keep: int) -> None:
+        while len(self.inflight) > keep:
+            handle, rows = self.inflight.popleft()
             t = time.perf_counter()
             logits = handle.result()
             self.stats.wait_device_s += time.perf_counter() - t
             for (st, i, _), row in zip(rows, logits):
                 st.logits[i] = row
             self.finish_rows([(st, i) for st, i, _ in rows], progress)
-        self.inflight = launched
 
     def finish_rows(self, done: list, progress: Progress) -> None:
         errors = 0

@@ -2,6 +2,7 @@
 implementation of the same checkpoint (AutoProcessor + AutoModel), and compare the answer logits."""
 
 import math
+import sys
 
 import numpy as np
 from rich.console import Console
@@ -69,7 +70,7 @@ def reference(scorer, rows):
 
 
 def verify(cfg: Config, n: int, device: str, dtype: str, console: Console | None = None) -> int:
-    console = console or Console()
+    console = console or Console(width=None if sys.stdout.isatty() else 140)
     scorer = open_scorer(cfg, device, dtype, workers=0)
     rows = first_rows(cfg, n)
     if not rows:

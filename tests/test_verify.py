@@ -1,0 +1,90 @@
+"""`po-batch verify` and `po-batch run` for every family: on a small Parquet corpus, the run's logits equal
+transformers' own implementation of the same checkpoint (float32, CPU), and verify says so."""
+
+import io
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+from rich.console import Console
+
+from po_batch import pipeline
+from po_batch.config import config_from_dict
+from po_batch.scorer import open_scorer
+from po_batch.tiny import build_checkpoint
+from po_batch.verify import first_rows, reference, verify
+
+FAMILIES = ["qwen3_vl", "qwen2_vl", "qwen2_5_vl", "qwen3", "qwen2"]
+
+
+def picture(w: int, h: int, seed: int) -> bytes:
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(buf, "PNG" if seed % 2 else "JPEG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def setup(request, tmp_path_factory):
+    family = request.param
+    root = tmp_path_factory.mktemp(family)
+    ckpt = build_checkpoint(root / "model", family)
+    vision = family.endswith("_vl")
+    n = 7
+    table = {"id": [f"r{i}" for i in range(n)], "category": ["cat", "dog", "car", "tree", "house", "boat", "bird"]}
+    if vision:
+        images = [picture(40 + 37 * i, 200 - 21 * i, i) for i in range(n)]
+        images[3] = b"not an image"
+        table["image"] = pa.array(images, pa.binary())
+    else:
+        table["doc"] = [" ".join(["a photo of a"] + [table["category"][i]] * (i + 1)) for i in range(n)]
+    pq.write_table(pa.table(table), root / "data.parquet", row_group_size=3)
+    cfg = config_from_dict({
+        "model": {"path": str(ckpt), "device": "cpu"},
+        "input": {"paths": [str(root / "data.parquet")], "image_column": "image" if vision else None,
+                  "columns": ["category"] if vision else ["category", "doc"]},
+        "task": {"prompt": "Is there a {category} in this image? Answer yes or no." if vision else
+                 "Document: {doc}\nIs this document about a {category}? Answer yes or no."},
+        "output": {"path": str(root / "out")},
+        "run": {"workers": 0, "rows_per_unit": 4, "batch_tokens": 512}})
+    return family, cfg
+
+
+def test_verify_agrees_with_transformers(setup):
+    _, cfg = setup
+    console = Console(file=io.StringIO(), width=200)
+    assert verify(cfg, 7, "cpu", "float32", console) == 0
+    text = console.file.getvalue()
+    assert "OK" in text and "MISMATCH" not in text
+
+
+def test_run_output_equals_transformers(setup):
+    family, cfg = setup
+    assert pipeline.run(cfg) == 0
+    out = ds.dataset(cfg.output.path).to_table().sort_by("id").to_pylist()
+    assert [r["id"] for r in out] == [f"r{i}" for i in range(7)]
+    scorer = open_scorer(cfg, "cpu", "float32", workers=0, load=False)
+    theirs = reference(scorer, first_rows(cfg, 7))
+    for row, ref in zip(out, theirs):
+        if ref is None:  # the planted bad image
+            assert row["error"].startswith("not_image") and row["p_yes"] is None
+            continue
+        assert row["error"] is None
+        assert abs(row["yes_logit"] - ref[0]) <= 1e-3 and abs(row["no_logit"] - ref[1]) <= 1e-3, (family, row, ref)
+
+
+def test_verify_reports_a_mismatch_and_exits_1(setup, monkeypatch):
+    family, cfg = setup
+    if family != "qwen3_vl":
+        pytest.skip("one family is enough to see the failure path")
+    from po_batch.engine import runner
+
+    score = runner.Engine.score
+    monkeypatch.setattr(runner.Engine, "score", lambda self, samples: score(self, samples) + 0.01)
+    console = Console(file=io.StringIO(), width=200)
+    assert verify(cfg, 4, "cpu", "float32", console) == 1
+    assert "MISMATCH" in console.file.getvalue()
