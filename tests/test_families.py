@@ -116,7 +116,7 @@ def test_window_layout_matches_transformers():
     assert np.cumsum([0] + window_lens(grids, 2, 3)).tolist() == cu.tolist()
 
 
-CONFIGS = Path("/work/shared/checkpoint-configs")
+CONFIGS = Path(__file__).resolve().parent.parent / "bench" / "configs"  # copies of shared/checkpoint-configs
 # (layers, hidden, heads, kv heads, head dim, MLP, vocab, mrope section, vision depth, vision dim, tokens out)
 PUBLISHED = {
     "Qwen2-VL-2B-Instruct": (28, 1536, 12, 2, 128, 8960, 151936, [16, 24, 24], 32, 1280, 1536),
