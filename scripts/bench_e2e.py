@@ -28,6 +28,7 @@ def main():
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", type=int, default=8192)
+    ap.add_argument("--depths", default="2", help="QUEUE_DEPTH values to measure (batches queued on the device)")
     ap.add_argument("--work", default="/tmp/po-batch-bench")
     ap.add_argument("--out", default=str(benchlib.ROOT / "bench" / "results" / "e2e.json"))
     args = ap.parse_args()
@@ -66,24 +67,29 @@ def main():
     del scorer
     torch.cuda.empty_cache()
 
-    t = time.perf_counter()
-    stats = pipeline.RunStats()
-    code = pipeline.run(cfg, restart=True, stats=stats)
-    wall = time.perf_counter() - t
-    markers = sorted(done_units(cfg.output.path).values(), key=lambda m: m["finished_at"])
-    # steady state: rows committed after the first unit, over the time since the first unit committed
-    steady = sum(m["rows"] for m in markers[1:]) / (markers[-1]["finished_at"] - markers[0]["finished_at"])
-    record = {"env": benchlib.environment(), "cores": cores, "rows": args.rows, "exit_code": code,
+    runs = {}
+    for depth in map(int, args.depths.split(",")):
+        pipeline.QUEUE_DEPTH = depth
+        t = time.perf_counter()
+        stats = pipeline.RunStats()
+        code = pipeline.run(cfg, restart=True, stats=stats)
+        wall = time.perf_counter() - t
+        markers = sorted(done_units(cfg.output.path).values(), key=lambda m: m["finished_at"])
+        # steady state: rows committed after the first unit, over the time since the first unit committed
+        steady = sum(m["rows"] for m in markers[1:]) / (markers[-1]["finished_at"] - markers[0]["finished_at"])
+        runs[depth] = {"exit_code": code, "e2e_wall_s": wall, "e2e_rows_per_s_including_startup": args.rows / wall,
+                       "e2e_rows_per_s_steady": steady, "e2e_over_engine": steady / engine_rate,
+                       "scoring_thread": {"wait_prep_s": stats.wait_prep_s, "launch_s": stats.launch_s,
+                                          "wait_device_s": stats.wait_device_s}}
+    record = {"env": benchlib.environment(), "cores": cores, "rows": args.rows,
               "prep_ms_per_image_one_core": prep_ms, "engine_only_rows_per_s": engine_rate,
-              "e2e_wall_s": wall, "e2e_rows_per_s_including_startup": args.rows / wall,
-              "e2e_rows_per_s_steady": steady, "e2e_over_engine": steady / engine_rate,
-              "scoring_thread": {"wait_prep_s": stats.wait_prep_s, "launch_s": stats.launch_s,
-                                 "wait_device_s": stats.wait_device_s}}
+              "by_queue_depth": runs}
     benchlib.write_json(Path(args.out), record)
     print(json.dumps(record, indent=1))
-    print(f"\n{'engine-only/s':>14}{'e2e steady/s':>14}{'ratio':>8}{'e2e incl. start/s':>19}{'prep ms/img':>12}")
-    print(f"{engine_rate:>14.1f}{steady:>14.1f}{steady / engine_rate:>8.2f}{args.rows / wall:>19.1f}{prep_ms:>12.2f}")
-
+    print(f"\n{'depth':>6}{'engine-only/s':>14}{'e2e steady/s':>14}{'ratio':>8}{'e2e incl. start/s':>19}{'prep ms/img':>12}")
+    for depth, r in runs.items():
+        print(f"{depth:>6}{engine_rate:>14.1f}{r['e2e_rows_per_s_steady']:>14.1f}{r['e2e_over_engine']:>8.2f}"
+              f"{r['e2e_rows_per_s_including_startup']:>19.1f}{prep_ms:>12.2f}")
 
 if __name__ == "__main__":
     main()

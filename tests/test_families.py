@@ -131,8 +131,6 @@ def test_published_config_builds_the_checkpoints_shapes(name):
     parameters as transformers' own model of that config."""
     from transformers import AutoConfig, AutoModelForImageTextToText
 
-    if not (CONFIGS / name).is_dir():
-        pytest.skip(f"{CONFIGS / name} is not on this machine")
     d = json.loads((CONFIGS / name / "config.json").read_text())
     model = loader.build(FAMILIES[d["model_type"]], d, torch.bfloat16, torch.device("meta"))
     layers, hidden, heads, kv, head_dim, mlp, vocab, section, depth, vdim, out = PUBLISHED[name]
