@@ -45,7 +45,9 @@ def _make_stale(out, unit):
 def _take_over(out, owner, go, results):
     claims = Claims(out, owner, ttl_s=60)
     go.wait()
-    results.put((owner, claims.try_claim("u") and claims.holds("u")))
+    # holds() is checked by the test once every racer is done: a losing racer may move the winner's claim
+    # aside for an instant (and put it back) while it checks what it renamed
+    results.put((owner, claims.try_claim("u")))
 
 
 def test_stale_claim_is_taken_over_by_exactly_one_racer(tmp_path):

@@ -1,10 +1,10 @@
 """The CPU prep pool: worker processes turn rows into Samples, or into row errors, in order and with a bound on
 how many rows are in flight, so reading never runs far ahead of the engine."""
 
-import collections
 import multiprocessing as mp
 import signal
 import threading
+from multiprocessing.connection import wait
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
@@ -54,18 +54,21 @@ def _worker(conn, prep: Prep) -> None:
         signal.signal(sig, signal.SIG_IGN)
     while True:
         try:
-            conn.send(prep(conn.recv()))
+            k, row = conn.recv()
+            conn.send((k, prep(row)))
         except (EOFError, OSError):  # the parent closed our pipe: done (or it stopped early)
             return
 
 
 class PrepPool:
-    """Worker processes, each with its own pipe: row k goes to worker k % n and its result is read back from there,
-    so results come in input order and no lock is shared (a killed worker cannot wedge the others)."""
+    """Worker processes, each with its own pipe (no lock shared between processes: a killed worker cannot wedge
+    the others). A reader thread hands each row to the least busy worker; a receiver thread collects results as
+    soon as they are ready, so workers never wait for the caller; the caller takes them in input order."""
+
+    PER_WORKER = 4  # rows queued on one worker: enough to hide the pipe's latency, few enough to balance load
 
     def __init__(self, prep: Prep, workers: int, inflight: int = 512):
         self.prep, self.inflight = prep, inflight
-        self.room = threading.Semaphore(inflight)
         self.closing = False
         # spawn: the parent holds threads and maybe a CUDA context, neither of which survives fork safely
         ctx = mp.get_context("spawn")
@@ -77,55 +80,88 @@ class PrepPool:
             child.close()
             self.conns.append(parent)
             self.procs.append(proc)
+        self.busy = [0] * workers
+        self.cond = threading.Condition()
 
     def map(self, items: Iterable[tuple[object, tuple]]) -> Iterator[tuple[object, Sample | RowError]]:
-        """items: (key, row) pairs; yields (key, result) in the same order. The input iterable is consumed in a
-        feeder thread, at most `inflight` rows ahead of what the caller has taken; its exceptions reach the caller."""
+        """items: (key, row) pairs; yields (key, result) in the same order. The input iterable is consumed in the
+        reader thread, at most `inflight` rows ahead of what the caller has taken; its exceptions reach the caller."""
         if not self.conns:
             for key, row in items:
                 yield key, self.prep(row)
             return
-        keys, sent, done, failure = collections.deque(), threading.Semaphore(0), threading.Event(), []
+        keys, results, state = {}, {}, {"sent": 0, "read_done": False, "failure": None}
+        cond = self.cond
 
-        def feed():
+        def read():
             try:
                 for k, (key, row) in enumerate(items):
-                    self.room.acquire()
-                    if self.closing:
-                        return
-                    keys.append(key)
-                    self.conns[k % len(self.conns)].send(row)
-                    sent.release()
-            except BaseException as e:  # noqa: BLE001 - handed to the caller below
-                failure.append(e)
+                    with cond:
+                        cond.wait_for(lambda: self.closing or (k - next_k[0] < self.inflight
+                                                               and min(self.busy) < self.PER_WORKER))
+                        if self.closing:
+                            return
+                        w = self.busy.index(min(self.busy))
+                        self.busy[w] += 1
+                        keys[k] = key
+                    self.conns[w].send((k, row))
+                    with cond:
+                        state["sent"] = k + 1
+                        cond.notify_all()
+            except BaseException as e:  # noqa: BLE001 - handed to the caller
+                state["failure"] = e
             finally:
-                done.set()
-                sent.release()
+                with cond:
+                    state["read_done"] = True
+                    cond.notify_all()
 
-        feeder = threading.Thread(target=feed, name="po-batch-reader", daemon=True)
-        feeder.start()
-        k = 0
+        def receive():
+            live = {c: w for w, c in enumerate(self.conns)}
+            while live and not self.closing:
+                try:
+                    ready = wait(list(live), timeout=0.5)
+                except (OSError, ValueError):  # our pipes were closed under us: the pool is closing
+                    return
+                for conn in ready:
+                    try:
+                        k, result = conn.recv()
+                    except (EOFError, OSError):
+                        del live[conn]
+                        if not self.closing:
+                            with cond:
+                                state["failure"] = state["failure"] or RuntimeError(
+                                    "a prep worker process died (killed, or out of memory); rerun to resume")
+                                cond.notify_all()
+                        continue
+                    with cond:
+                        results[k] = result
+                        self.busy[live[conn]] -= 1
+                        cond.notify_all()
+
+        next_k = [0]
+        threads = [threading.Thread(target=read, name="po-batch-reader", daemon=True),
+                   threading.Thread(target=receive, name="po-batch-receiver", daemon=True)]
+        for t in threads:
+            t.start()
         while True:
-            sent.acquire()
-            if not keys:
-                if done.is_set():
+            k = next_k[0]
+            with cond:
+                cond.wait_for(lambda: k in results or state["failure"] is not None
+                              or (state["read_done"] and k >= state["sent"]))
+                if k in results:
+                    result, key = results.pop(k), keys.pop(k)
+                    next_k[0] = k + 1
+                    cond.notify_all()
+                elif state["failure"] is not None:
+                    raise state["failure"]
+                else:
                     break
-                continue
-            try:
-                result = self.conns[k % len(self.conns)].recv()
-            except EOFError:
-                raise RuntimeError("a prep worker process died (killed, or out of memory); rerun to resume") from None
-            k += 1
-            self.room.release()
-            yield keys.popleft(), result
-        feeder.join()
-        if failure:
-            raise failure[0]
+            yield key, result
 
     def close(self) -> None:
-        self.closing = True
-        for _ in range(self.inflight):  # unblock a feeder waiting for room
-            self.room.release()
+        with self.cond:
+            self.closing = True
+            self.cond.notify_all()
         for conn in self.conns:
             conn.close()
         for proc in self.procs:
