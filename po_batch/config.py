@@ -368,12 +368,13 @@ def workers_count(cfg: Config, cpu_count: int) -> int:
 
 # --- fingerprint ---------------------------------------------------------------------------------
 
-def fingerprint(cfg: Config, model_identity: str) -> dict:
-    """Everything that changes results, as flat dotted keys with JSON values. Paths, batch size,
-    workers and device are left out: a resume may move the data or run on another node."""
+def fingerprint(cfg: Config, model_identity: str, dtype: str) -> dict:
+    """Everything that changes results, as flat dotted keys with JSON values; `dtype` is the resolved one (auto
+    means bfloat16 on a GPU and float32 on a CPU). Paths, batch size, workers and device are left out: a resume
+    may move the data or run on another node."""
     return {
         "model.identity": model_identity,
-        "model.dtype": cfg.model.dtype,
+        "model.dtype": dtype,
         "task.type": cfg.task.type,
         "task.prompt": cfg.task.prompt,
         "task.yes": cfg.task.yes,
@@ -384,17 +385,3 @@ def fingerprint(cfg: Config, model_identity: str) -> dict:
         "input.image_column": cfg.input.image_column,
         "input.columns": list(cfg.input.columns),
     }
-
-
-def fingerprint_diff(old: dict, new: dict) -> list[str]:
-    """Lines like "task.prompt ('a' -> 'b')" for each key whose value differs."""
-    keys = list(new) + [k for k in old if k not in new]
-    return [f"{k} ({_repr_or_absent(old, k)} -> {_repr_or_absent(new, k)})"
-            for k in keys if old.get(k, _ABSENT) != new.get(k, _ABSENT)]
-
-
-_ABSENT = object()
-
-
-def _repr_or_absent(d: dict, k: str) -> str:
-    return repr(d[k]) if k in d else "absent"

@@ -194,7 +194,7 @@ def run(cfg: Config, restart: bool = False, shard: tuple[int, int] | None = None
     device = resolved_device(cfg, torch.cuda.is_available())
     dtype = resolved_dtype(cfg, device)
     scorer = open_scorer(cfg, device, dtype, workers_count(cfg, len(os.sched_getaffinity(0))), load=False)
-    fp = fingerprint(cfg, scorer.identity) | {"model.dtype": dtype}
+    fp = fingerprint(cfg, scorer.identity, dtype)
     plan = load_or_create_plan(cfg.output.path, cfg.input.paths, cfg.run.rows_per_unit, fp, restart)
     clean_orphans(cfg.output.path)
     drop_done_claims(cfg.output.path)

@@ -7,8 +7,9 @@ import torch
 from torch import nn
 
 from po_batch.layers.mlp import MLP
-from po_batch.models.qwen_text import PACKED, Decoder, TextConfig
-from po_batch.models.vision import VL_RENAMES, Merger, PatchEmbed, VisionBlock, patch_coords, rope_tables
+from po_batch.models.qwen_text import TextConfig
+from po_batch.models.vision import (VL_RENAMES, Merger, PatchEmbed, VisionBlock, VisionLanguageModel, patch_coords,
+                                    rope_tables)
 
 # transformers' PatchMerger keeps its norm and MLP as `ln_q` and an nn.Sequential
 MERGER_RENAMES = [(r"\.merger\.ln_q\.", ".merger.norm."), (r"\.merger\.mlp\.0\.", ".merger.fc1."),
@@ -62,13 +63,6 @@ class VisionModel(nn.Module):
         return self.merger(x)
 
 
-class Inner(nn.Module):
-    def __init__(self, visual: nn.Module, language_model: Decoder):
-        super().__init__()
-        self.visual = visual
-        self.language_model = language_model
-
-
 def text_config(d: dict) -> TextConfig:
     """The decoder's config from either layout: transformers 4.4x keeps the text fields at the top level,
     5.x nests them in text_config. As in transformers, head_dim is hidden_size // heads, and θ, the norm's eps
@@ -79,26 +73,14 @@ def text_config(d: dict) -> TextConfig:
     return replace(cfg, head_dim=cfg.hidden_size // cfg.num_heads, mrope_section=cfg.mrope_section or [16, 24, 24])
 
 
-class Qwen2VL(nn.Module):
+class Qwen2VL(VisionLanguageModel):
     renames = VL_RENAMES + MERGER_RENAMES
-    packed = PACKED
     vision_config, vision_model = VisionConfig, VisionModel
-
-    def __init__(self, vision, text: TextConfig, image_token_id: int):
-        super().__init__()
-        self.model = Inner(self.vision_model(vision), Decoder(text))
-        self.lm_head = nn.Linear(text.hidden_size, text.vocab_size, bias=False)
-        self.image_token_id = image_token_id
 
     @classmethod
     def from_config(cls, d: dict) -> "Qwen2VL":
-        return cls(cls.vision_config.from_dict(d["vision_config"]), text_config(d), d["image_token_id"])
-
-    def embeddings(self) -> nn.Embedding:
-        return self.model.language_model.embed_tokens
-
-    def fold_pixels(self, mean, std) -> None:
-        self.model.visual.patch_embed.fold(mean, std)
+        return cls(cls.vision_model(cls.vision_config.from_dict(d["vision_config"])), text_config(d),
+                   d["image_token_id"])
 
     def forward(self, batch) -> torch.Tensor:
         lm = self.model.language_model

@@ -7,8 +7,9 @@ import torch
 from torch import nn
 
 from po_batch.layers.mlp import MLP
-from po_batch.models.qwen_text import PACKED, Decoder, TextConfig
-from po_batch.models.vision import VL_RENAMES, Merger, PatchEmbed, VisionBlock, patch_coords, rope_tables
+from po_batch.models.qwen_text import TextConfig
+from po_batch.models.vision import (VL_RENAMES, Merger, PatchEmbed, VisionBlock, VisionLanguageModel, patch_coords,
+                                    rope_tables)
 
 
 @dataclass
@@ -86,35 +87,15 @@ class VisionModel(nn.Module):
         return self.merger(x), deepstack
 
 
-class Inner(nn.Module):
-    def __init__(self, vision: VisionConfig, text: TextConfig):
-        super().__init__()
-        self.visual = VisionModel(vision)
-        self.language_model = Decoder(text)
-
-
-class Qwen3VL(nn.Module):
+class Qwen3VL(VisionLanguageModel):
     renames = VL_RENAMES + [(r"\.linear_fc(\d)\.", r".fc\1.")]
-    packed = PACKED
-
-    def __init__(self, vision: VisionConfig, text: TextConfig, image_token_id: int):
-        super().__init__()
-        self.model = Inner(vision, text)
-        self.lm_head = nn.Linear(text.hidden_size, text.vocab_size, bias=False)
-        self.image_token_id = image_token_id
 
     @classmethod
     def from_config(cls, d: dict) -> "Qwen3VL":
         text = d["text_config"]
         tie = d.get("tie_word_embeddings", text.get("tie_word_embeddings", False))
-        return cls(VisionConfig.from_dict(d["vision_config"]), TextConfig.from_dict(text, qk_norm=True, tie=tie),
-                   d["image_token_id"])
-
-    def embeddings(self) -> nn.Embedding:
-        return self.model.language_model.embed_tokens
-
-    def fold_pixels(self, mean, std) -> None:
-        self.model.visual.patch_embed.fold(mean, std)
+        return cls(VisionModel(VisionConfig.from_dict(d["vision_config"])),
+                   TextConfig.from_dict(text, qk_norm=True, tie=tie), d["image_token_id"])
 
     def forward(self, batch) -> torch.Tensor:
         lm = self.model.language_model

@@ -12,6 +12,7 @@ from po_batch.layers.compile import FUSED
 from po_batch.layers.context import get_context
 from po_batch.layers.norm import RMSNorm
 from po_batch.layers.rotary import apply_rotary, inv_freq, vision_cos_sin
+from po_batch.models.qwen_text import PACKED, Decoder, TextConfig
 
 # transformers 4.4x checkpoints keep the tower at `visual.` and the decoder at `model.`; 4.5x+ nest both under `model.`
 VL_RENAMES = [(r"^visual\.", "model.visual."), (r"^model\.(?!visual|language_model)", "model.language_model.")]
@@ -110,6 +111,26 @@ class Merger(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.norm(x.view(-1, self.group)) if self.postshuffle else self.norm(x).view(-1, self.group)
         return self.fc2(F.gelu(self.fc1(x)))
+
+
+class VisionLanguageModel(nn.Module):
+    """A vision tower feeding a Qwen decoder, laid out as the checkpoints are (model.visual, model.language_model,
+    lm_head). Subclasses build the tower and define forward."""
+    packed = PACKED
+
+    def __init__(self, visual: nn.Module, text: TextConfig, image_token_id: int):
+        super().__init__()
+        self.model = nn.Module()
+        self.model.visual = visual
+        self.model.language_model = Decoder(text)
+        self.lm_head = nn.Linear(text.hidden_size, text.vocab_size, bias=False)
+        self.image_token_id = image_token_id
+
+    def embeddings(self) -> nn.Embedding:
+        return self.model.language_model.embed_tokens
+
+    def fold_pixels(self, mean, std) -> None:
+        self.model.visual.patch_embed.fold(mean, std)
 
 
 def rope_tables(rows: torch.Tensor, cols: torch.Tensor, head_dim: int, theta: float = 10000.0):
