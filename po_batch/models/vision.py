@@ -1,7 +1,7 @@
 """Parts shared by the Qwen-VL vision towers: patch coordinates, the folded patch embedding, attention blocks, mergers.
 
-Pixels arrive as uint8 patches (N, 3*p*p) already in merge-block order (see prep/patches.py); normalisation and
-the still image's repetition along the temporal axis are folded into the patch-embedding matrix once at load."""
+Pixels arrive as uint8 patches (N, 3*p*p) already in merge-block order (see prep/patches.py); the still image's
+repetition along the temporal axis and the 1/std scale are folded into the patch-embedding matrix once at load."""
 
 import torch
 import torch.nn.functional as F
@@ -35,29 +35,30 @@ def patch_coords(grids: torch.Tensor, merge: int, n: int) -> tuple[torch.Tensor,
 
 
 class PatchEmbed(nn.Module):
-    """Conv3d over (temporal, p, p) patches, kept in the checkpoint's shape and applied as one matmul on uint8 input."""
+    """Conv3d over (temporal, p, p) patches, kept in the checkpoint's shape and applied as one matmul to the uint8
+    pixels, normalised on the device."""
 
     def __init__(self, channels: int, temporal: int, patch: int, dim: int, bias: bool):
         super().__init__()
         self.proj = nn.Conv3d(channels, dim, (temporal, patch, patch), (temporal, patch, patch), bias=bias)
         self.folded_w: torch.Tensor | None = None
         self.folded_b: torch.Tensor | None = None
+        self.pixel_mean: torch.Tensor | None = None
 
     @torch.no_grad()
     def fold(self, mean, std) -> None:
-        """A still image repeats on the temporal axis, so the kernel sums over it; (x/255 - mean)/std is affine,
-        so it folds into the weights and bias. Computed in float32, stored in the model dtype."""
+        """A still image repeats on the temporal axis, so the kernel sums over it, and the 1/(255 std) scale of the
+        normalisation folds into the weights. The mean is subtracted from the pixels instead (folding it into the
+        bias would make a large bias cancel a large product, which bfloat16 cannot resolve)."""
         w = self.proj.weight.float().sum(2)  # (dim, C, p, p)
-        mean = torch.tensor(mean, device=w.device).view(1, -1, 1, 1)
         std = torch.tensor(std, device=w.device).view(1, -1, 1, 1)
-        b = -(w * (mean / std)).sum((1, 2, 3))
-        if self.proj.bias is not None:
-            b = b + self.proj.bias.float()
         self.folded_w = (w / (255.0 * std)).flatten(1).to(self.proj.weight.dtype)
-        self.folded_b = b.to(self.proj.weight.dtype)
+        self.folded_b = None if self.proj.bias is None else self.proj.bias
+        mean = torch.tensor(mean, device=w.device) * 255.0
+        self.pixel_mean = mean.repeat_interleave(w.shape[2] * w.shape[3])  # rows are channel-major
 
     def forward(self, patches: torch.Tensor) -> torch.Tensor:
-        return F.linear(patches.to(self.folded_w.dtype), self.folded_w, self.folded_b)
+        return F.linear((patches.float() - self.pixel_mean).to(self.folded_w.dtype), self.folded_w, self.folded_b)
 
 
 class VisionAttention(nn.Module):
