@@ -225,4 +225,7 @@ def run(cfg: Config, restart: bool = False, shard: tuple[int, int] | None = None
         for s, h in previous.items():
             signal.signal(s, h)
     progress.summary(runner.stats, time.time() - started, cfg.output.path, code)
+    left = len(runner.candidates())
+    if code == EXIT_DONE and left:
+        progress.note(f"{left} units are claimed by other workers: they commit them, or a later run takes them over")
     return code
