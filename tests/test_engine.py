@@ -139,3 +139,22 @@ def test_hub_id_offline_fails_with_one_clear_sentence(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ModelError, match="could not download 'Qwen/Qwen3-VL-2B-Instruct'.*local checkpoint"):
         open_checkpoint("Qwen/Qwen3-VL-2B-Instruct")
+
+
+def test_sharded_checkpoint_loads_through_its_index(ckpt_dir, hf, tmp_path):
+    """model.safetensors.index.json with several shards gives the same logits as the single file."""
+    model, processor = hf
+    sharded = tmp_path / "sharded"
+    shutil.copytree(ckpt_dir, sharded)
+    (sharded / "model.safetensors").unlink()
+    model.save_pretrained(sharded, max_shard_size="200KB")
+    assert len(json.loads((sharded / "model.safetensors.index.json").read_text())["weight_map"]) > 0
+    assert len(list(sharded.glob("model-*.safetensors"))) > 1
+    ckpt, spec, ids, template = setup(ckpt_dir, processor)
+    pixels, grid = prepare(jpeg(96, 64, 0), spec)
+    sample = Sample(*template.encode({"category": "cat"}, grid), to_patches(pixels, spec.patch_size, spec.merge_size),
+                    grid)
+    args = dict(pixel_mean=spec.image_mean, pixel_std=spec.image_std)
+    one = Engine(ckpt, ids, "cpu", "float32", **args).score([sample])
+    many = Engine(open_checkpoint(str(sharded)), ids, "cpu", "float32", **args).score([sample])
+    assert np.abs(one - many).max() <= 1e-6
