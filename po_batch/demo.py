@@ -3,6 +3,7 @@ corrupt rows planted on purpose), its config, and a real run of the pipeline on 
 
 import io
 import random
+import sys
 from pathlib import Path
 
 import pyarrow as pa
@@ -97,7 +98,7 @@ def run_demo(directory: Path, rows: int) -> int:
     print(f"planted {bad} corrupt rows; running: po-batch run {directory / 'config.yaml'}")
     code = pipeline.run(load_config(directory / "config.yaml"), restart=True)
     out = directory / "out"
-    print(f"\nread the results:\n  python -c \"import pyarrow.dataset as ds; "
+    print(f"\nread the results:\n  {sys.executable} -c \"import pyarrow.dataset as ds; "
           f"print(ds.dataset('{out}').to_table().slice(0, 5).to_pylist())\"\n"
           f"  po-batch status {out}")
     return code
