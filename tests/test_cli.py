@@ -101,3 +101,11 @@ def test_demo_runs_to_completion(po_batch_cli, tmp_path):
     ids = table.column("id").to_pylist()
     assert len(ids) == len(set(ids)) == 200
     assert sorted(e.split(":")[0] for e in table.column("error").to_pylist() if e) == ["empty", "not_image"]
+
+
+def test_configs_demo_yaml_is_what_the_demo_writes():
+    from pathlib import Path
+
+    from po_batch.demo import CONFIG
+
+    assert (Path(__file__).resolve().parent.parent / "configs" / "demo.yaml").read_text() == CONFIG
