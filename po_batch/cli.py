@@ -3,6 +3,7 @@ error, 3 stopped by a signal with work left."""
 
 import json
 import sys
+import traceback
 from pathlib import Path
 from typing import Annotated
 
@@ -64,6 +65,9 @@ def run(config: ConfigArg,
         _fail(2, str(e))
     except KeyboardInterrupt:
         _fail(3, "interrupted")
+    except Exception as e:  # committed units stay committed; a rerun resumes from them
+        traceback.print_exc()
+        _fail(1, f"the run failed ({type(e).__name__}: {e}); committed units are kept, rerun to resume")
     raise typer.Exit(code)
 
 

@@ -430,6 +430,30 @@ def test_signal_to_the_whole_process_group_with_prep_workers_stops_cleanly(corpu
     assert_each_input_row_once(out, rows)
 
 
+def test_a_killed_prep_worker_fails_the_run_cleanly_and_a_rerun_finishes(corpus, tiny_qwen3_vl, tmp_path):
+    root, rows = corpus
+    out = tmp_path / "out"
+    cfg = write_config(tmp_path / "config.yaml", tiny_qwen3_vl, [root / "data"], out, workers=2)
+    p = start(cfg)
+
+    def workers() -> list[int]:  # the spawned prep workers (not multiprocessing's resource tracker)
+        kids = [int(c) for t in Path(f"/proc/{p.pid}/task").iterdir() for c in (t / "children").read_text().split()]
+        return [k for k in kids if b"spawn_main" in Path(f"/proc/{k}/cmdline").read_bytes()]
+
+    try:
+        wait_for(lambda: len(workers()) == 2, p, "the prep workers started")
+        os.kill(workers()[0], signal.SIGKILL)  # as the kernel's OOM killer would, before the work is done
+        code, err = finish(p, timeout=120)
+    finally:
+        kill_group(p)
+    assert code == 1, err
+    assert "prep worker process died" in err and "rerun to resume" in err
+    assert claim_files(out) == [] and parts(out) == set(markers(out))
+    code, err = run(cfg)
+    assert code == 0, err
+    assert_each_input_row_once(out, rows)
+
+
 def test_shards_together_cover_every_unit_once(corpus, tiny_qwen3_vl, tmp_path):
     root, rows = corpus
     out = tmp_path / "out"

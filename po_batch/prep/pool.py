@@ -47,6 +47,9 @@ class Prep:
             return RowError("prep", f"{type(e).__name__}: {e}")
 
 
+WORKER_DIED = "a prep worker process died (killed, or out of memory)"
+
+
 def _worker(conn, prep: Prep) -> None:
     # Signals are the parent's to handle: Ctrl-C, scancel and Slurm's USR1 reach the whole process group, and a
     # worker dying mid-task would lose its rows. The parent finishes, then closes the pipe (or kills us).
@@ -104,7 +107,12 @@ class PrepPool:
                         w = self.busy.index(min(self.busy))
                         self.busy[w] += 1
                         keys[k] = key
-                    self.conns[w].send((k, row))
+                    try:
+                        self.conns[w].send((k, row))
+                    except OSError:
+                        if self.closing:
+                            return
+                        raise RuntimeError(WORKER_DIED) from None
                     with cond:
                         state["sent"] = k + 1
                         cond.notify_all()
@@ -129,8 +137,7 @@ class PrepPool:
                         del live[conn]
                         if not self.closing:
                             with cond:
-                                state["failure"] = state["failure"] or RuntimeError(
-                                    "a prep worker process died (killed, or out of memory); rerun to resume")
+                                state["failure"] = state["failure"] or RuntimeError(WORKER_DIED)
                                 cond.notify_all()
                         continue
                     with cond:
