@@ -29,6 +29,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", type=int, default=8192)
     ap.add_argument("--depths", default="2", help="QUEUE_DEPTH values to measure (batches queued on the device)")
+    ap.add_argument("--busy", action="store_true", help="also trace device kernels in an extra run: busy fraction")
     ap.add_argument("--work", default="/tmp/po-batch-bench")
     ap.add_argument("--out", default=str(benchlib.ROOT / "bench" / "results" / "e2e.json"))
     args = ap.parse_args()
@@ -61,8 +62,9 @@ def main():
     scorer.engine.score(samples[:128])
     torch.cuda.synchronize()
     t = time.perf_counter()
-    scorer.engine.score(samples)
-    torch.cuda.synchronize()
+    handle = scorer.engine.launch(samples)
+    engine_launch_s = time.perf_counter() - t
+    handle.result()
     engine_rate = len(samples) / (time.perf_counter() - t)
     del scorer
     torch.cuda.empty_cache()
@@ -83,13 +85,37 @@ def main():
                                           "wait_device_s": stats.wait_device_s}}
     record = {"env": benchlib.environment(), "cores": cores, "rows": args.rows,
               "prep_ms_per_image_one_core": prep_ms, "engine_only_rows_per_s": engine_rate,
-              "by_queue_depth": runs}
+              "engine_only_launch_s_per_1024": engine_launch_s, "by_queue_depth": runs}
+    if args.busy:
+        record["device_busy"] = device_busy(lambda: pipeline.run(cfg, restart=True))
     benchlib.write_json(Path(args.out), record)
     print(json.dumps(record, indent=1))
     print(f"\n{'depth':>6}{'engine-only/s':>14}{'e2e steady/s':>14}{'ratio':>8}{'e2e incl. start/s':>19}{'prep ms/img':>12}")
     for depth, r in runs.items():
         print(f"{depth:>6}{engine_rate:>14.1f}{r['e2e_rows_per_s_steady']:>14.1f}{r['e2e_over_engine']:>8.2f}"
               f"{r['e2e_rows_per_s_including_startup']:>19.1f}{prep_ms:>12.2f}")
+
+def device_busy(fn) -> dict:
+    """Trace device kernels over a whole run: the share of wall time between the first and last kernel in which
+    some kernel runs, and the longest idle gaps (where the device waited for the host)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+    spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events() if e.device_type == DeviceType.CUDA)
+    busy, gaps, end = 0.0, [], spans[0][0]
+    for a, b in spans:
+        if a > end:
+            gaps.append(a - end)
+        busy += max(0.0, b - max(a, end))
+        end = max(end, b)
+    wall = end - spans[0][0]
+    gaps.sort(reverse=True)
+    return {"busy_fraction": busy / wall, "wall_s": wall / 1e6, "idle_s": (wall - busy) / 1e6,
+            "gaps_over_1ms": sum(g > 1e3 for g in gaps), "idle_in_gaps_over_1ms_s": sum(g for g in gaps if g > 1e3) / 1e6,
+            "longest_gaps_ms": [g / 1e3 for g in gaps[:10]]}
+
 
 if __name__ == "__main__":
     main()
