@@ -74,12 +74,16 @@ def test_clean_orphans_removes_only_old_temporaries(tmp_path):
     old, new = tmp_path / ".part-u2.aaaa.tmp", tmp_path / ".part-u3.bbbb.tmp"
     old_marker = tmp_path / "_po_batch" / "done" / ".u2.json.cccc.tmp"
     unmarked = tmp_path / "part-u4.parquet"  # renamed, marker not yet written
-    for p in (old, new, old_marker, unmarked):
+    claims = tmp_path / "_po_batch" / "claims"
+    claims.mkdir()
+    tomb, claim = claims / "u5.claim.0a1b2c.tomb", claims / "u6.claim"  # a takeover killed mid-way; a live claim
+    for p in (old, new, old_marker, unmarked, tomb, claim):
         p.write_bytes(b"x")
     two_hours_ago = time.time() - 7200
-    for p in (old, old_marker, unmarked):
+    for p in (old, old_marker, unmarked, tomb, claim):
         os.utime(p, (two_hours_ago, two_hours_ago))
     clean_orphans(out)
+    assert os.listdir(claims) == ["u6.claim"]  # stale claims are taken over, not deleted here
     assert sorted(os.listdir(out)) == [".part-u3.bbbb.tmp", "_po_batch", "part-u1.parquet", "part-u4.parquet"]
     assert os.listdir(tmp_path / "_po_batch" / "done") == ["u1.json"]
     assert is_done(out, "u1")

@@ -64,15 +64,18 @@ class Claims:
             os.rename(path, tomb)
         except FileNotFoundError:
             return False
-        got = os.stat(tomb)
-        if got.st_ino != st.st_ino or not self._stale(tomb, got):
-            try:
-                os.link(tomb, path)  # never overwrites a claim made in between
-            except FileExistsError:
-                pass
+        try:
+            got = os.stat(tomb)
+            if got.st_ino != st.st_ino or not self._stale(tomb, got):
+                try:
+                    os.link(tomb, path)  # never overwrites a claim made in between
+                except FileExistsError:
+                    pass
+                os.remove(tomb)
+                return False
             os.remove(tomb)
+        except FileNotFoundError:  # swept by clean_orphans (it was old): leave the unit to a later try
             return False
-        os.remove(tomb)
         return self._create(unit_id)
 
     def _stale(self, path: str, st: os.stat_result) -> bool:

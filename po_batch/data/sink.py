@@ -75,20 +75,22 @@ def done_units(out_dir: str) -> dict[str, dict]:
 
 
 def clean_orphans(out_dir: str) -> None:
-    """Remove temporary files that crashed writers left more than an hour ago.
+    """Remove temporary files that crashed writers (and claim takeovers) left more than an hour ago.
 
     Parts without a marker stay: their data is whole (the rename is atomic), the unit's rerun
     replaces them, and deleting one could race a writer suspended between rename and marker
     (Slurm suspends jobs with SIGSTOP), leaving a marker with no part.
     """
     cutoff = time.time() - ORPHAN_AGE_S
-    for folder, prefix in ((out_dir, ".part-"), (_marker_dir(out_dir), ".")):
+    claims = os.path.join(state_dir(out_dir), "claims")
+    for folder, prefix, suffix in ((out_dir, ".part-", ".tmp"), (_marker_dir(out_dir), ".", ".tmp"),
+                                   (claims, "", ".tomb")):
         try:
             entries = list(os.scandir(folder))
         except FileNotFoundError:
             continue
         for e in entries:
-            if e.name.startswith(prefix) and e.name.endswith(".tmp"):
+            if e.name.startswith(prefix) and e.name.endswith(suffix):
                 try:
                     if e.stat().st_mtime < cutoff:
                         os.remove(e.path)
