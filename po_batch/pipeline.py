@@ -67,6 +67,7 @@ class Runner:
         self.writer = ThreadPoolExecutor(1, thread_name_prefix="po-batch-writer")
         self.commits = []
         self.inflight = collections.deque()  # (engine handle, its rows) of the batches on the device
+        self.left = 0  # units of this worker's slice not yet done when it finished
 
     # --- reading (runs in the prep pool's reader thread) ---------------------------------------
 
@@ -139,8 +140,8 @@ class Runner:
             if self.claims:
                 self.claims.stop_heartbeat()
                 self.claims.release_all()
-        left = [u for u in self.plan.units if not is_done(self.out, u.id)]
-        return EXIT_STOPPED if self.stopping and left else EXIT_DONE
+        self.left = len(self.candidates())
+        return EXIT_STOPPED if self.stopping and self.left else EXIT_DONE
 
     def score(self, pending, progress: Progress) -> None:
         """Queue `pending` on the device, then collect the oldest batches beyond QUEUE_DEPTH: the device always
@@ -225,7 +226,7 @@ def run(cfg: Config, restart: bool = False, shard: tuple[int, int] | None = None
         for s, h in previous.items():
             signal.signal(s, h)
     progress.summary(runner.stats, time.time() - started, cfg.output.path, code)
-    left = len(runner.candidates())
-    if code == EXIT_DONE and left:
-        progress.note(f"{left} units are claimed by other workers: they commit them, or a later run takes them over")
+    if code == EXIT_DONE and runner.left:
+        progress.note(f"{runner.left} units are claimed by other workers: they commit them, or a later run "
+                      f"takes them over")
     return code

@@ -409,6 +409,15 @@ def test_sigterm_commits_claimed_units_releases_claims_and_exits_3(corpus, tiny_
     assert_each_input_row_once(out, rows)
 
 
+def assert_left_whole_and_resumes(cfg: Path, out: Path, rows: dict) -> None:
+    """After a stopped run: no claims left, every part has its marker, and a rerun finishes the output."""
+    assert claim_files(out) == []
+    assert parts(out) == set(markers(out))
+    code, err = run(cfg)
+    assert code == 0, err
+    assert_each_input_row_once(out, rows)
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_signal_to_the_whole_process_group_with_prep_workers_stops_cleanly(corpus, tiny_qwen3_vl, tmp_path, sig):
     """Ctrl-C and scancel reach the prep workers too: the run must still finish its claimed units and exit."""
@@ -423,11 +432,7 @@ def test_signal_to_the_whole_process_group_with_prep_workers_stops_cleanly(corpu
     finally:
         kill_group(p)
     assert code in (0, 3), err  # 0 when every unit was already claimed when the signal came
-    assert claim_files(out) == []
-    assert parts(out) == set(markers(out))
-    code, err = run(cfg)
-    assert code == 0, err
-    assert_each_input_row_once(out, rows)
+    assert_left_whole_and_resumes(cfg, out, rows)
 
 
 def test_a_killed_prep_worker_fails_the_run_cleanly_and_a_rerun_finishes(corpus, tiny_qwen3_vl, tmp_path):
@@ -448,10 +453,7 @@ def test_a_killed_prep_worker_fails_the_run_cleanly_and_a_rerun_finishes(corpus,
         kill_group(p)
     assert code == 1, err
     assert "prep worker process died" in err and "rerun to resume" in err
-    assert claim_files(out) == [] and parts(out) == set(markers(out))
-    code, err = run(cfg)
-    assert code == 0, err
-    assert_each_input_row_once(out, rows)
+    assert_left_whole_and_resumes(cfg, out, rows)
 
 
 def test_shards_together_cover_every_unit_once(corpus, tiny_qwen3_vl, tmp_path):
