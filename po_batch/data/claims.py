@@ -10,16 +10,12 @@ import socket
 import threading
 import time
 
-from po_batch.data.plan import state_dir
+from po_batch.data.plan import claims_dir
 from po_batch.data.sink import is_done
 
 
 def default_owner() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
-
-
-def claims_dir(out_dir: str) -> str:
-    return os.path.join(state_dir(out_dir), "claims")
 
 
 class Claims:

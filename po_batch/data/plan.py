@@ -52,6 +52,10 @@ def state_dir(out_dir: str) -> str:
     return os.path.join(out_dir, STATE_DIR)
 
 
+def claims_dir(out_dir: str) -> str:
+    return os.path.join(state_dir(out_dir), "claims")
+
+
 def fsync_dir(path: str) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:

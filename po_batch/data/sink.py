@@ -13,7 +13,7 @@ import uuid
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from po_batch.data.plan import fsync_dir, state_dir, write_json_atomic
+from po_batch.data.plan import claims_dir, fsync_dir, state_dir, write_json_atomic
 
 ORPHAN_AGE_S = 3600.0
 
@@ -82,9 +82,8 @@ def clean_orphans(out_dir: str) -> None:
     (Slurm suspends jobs with SIGSTOP), leaving a marker with no part.
     """
     cutoff = time.time() - ORPHAN_AGE_S
-    claims = os.path.join(state_dir(out_dir), "claims")
     for folder, prefix, suffix in ((out_dir, ".part-", ".tmp"), (_marker_dir(out_dir), ".", ".tmp"),
-                                   (claims, "", ".tomb")):
+                                   (claims_dir(out_dir), "", ".tomb")):
         try:
             entries = list(os.scandir(folder))
         except FileNotFoundError:
