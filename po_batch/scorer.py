@@ -37,17 +37,16 @@ class Scorer:
 def image_spec(ckpt: Checkpoint, cfg: Config) -> ImageSpec | None:
     if not ckpt.is_vision:
         return None
-    pre, proc = ckpt.dir / "preprocessor_config.json", ckpt.dir / "processor_config.json"
-    if pre.is_file():
-        d = json.loads(pre.read_text())
-    elif proc.is_file():  # transformers 5 saves a processor's image settings nested in processor_config.json
-        d = json.loads(proc.read_text()).get("image_processor", {})
-    else:
+    # transformers 5 saves a processor's image settings nested in processor_config.json, which the spec reads too
+    source = next((f for f in (ckpt.dir / "preprocessor_config.json", ckpt.dir / "processor_config.json")
+                   if f.is_file()), None)
+    if source is None:
         raise loader.ModelError(f"{ckpt.dir} has no preprocessor_config.json (needed for a vision model)")
     try:
-        return spec_from_preprocessor_config(d, cfg.image.min_pixels, cfg.image.max_pixels)
+        return spec_from_preprocessor_config(json.loads(source.read_text()), cfg.image.min_pixels,
+                                             cfg.image.max_pixels)
     except (KeyError, ValueError) as e:
-        raise loader.ModelError(f"{pre.name if pre.is_file() else proc.name}: {e}") from None
+        raise loader.ModelError(f"{source.name}: {e}") from None
 
 
 def open_scorer(cfg: Config, device: str, dtype: str, workers: int, load: bool = True) -> Scorer:

@@ -158,3 +158,22 @@ def test_sharded_checkpoint_loads_through_its_index(ckpt_dir, hf, tmp_path):
     one = Engine(ckpt, ids, "cpu", "float32", **args).score([sample])
     many = Engine(open_checkpoint(str(sharded)), ids, "cpu", "float32", **args).score([sample])
     assert np.abs(one - many).max() <= 1e-6
+
+
+def test_image_settings_nested_in_processor_config_are_read(ckpt_dir, tmp_path):
+    """transformers 5 saves a processor's image settings under `image_processor` in processor_config.json."""
+    from po_batch.config import config_from_dict
+    from po_batch.scorer import image_spec
+
+    cfg = config_from_dict({"model": {"path": str(ckpt_dir)}, "input": {"paths": ["in"]}, "task": {"prompt": "p"},
+                            "output": {"path": "out"}})
+    want = image_spec(open_checkpoint(str(ckpt_dir)), cfg)
+    nested = tmp_path / "nested"
+    shutil.copytree(ckpt_dir, nested)
+    pre = json.loads((nested / "preprocessor_config.json").read_text())
+    (nested / "preprocessor_config.json").unlink()
+    (nested / "processor_config.json").write_text(json.dumps({"image_processor": pre}))
+    assert image_spec(open_checkpoint(str(nested)), cfg) == want
+    (nested / "processor_config.json").unlink()
+    with pytest.raises(ModelError, match="has no preprocessor_config.json"):
+        image_spec(open_checkpoint(str(nested)), cfg)
