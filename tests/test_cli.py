@@ -4,6 +4,7 @@
 import json
 import shutil
 import time
+from pathlib import Path
 
 import pyarrow.dataset as ds
 import pytest
@@ -104,8 +105,4 @@ def test_demo_runs_to_completion(po_batch_cli, tmp_path):
 
 
 def test_configs_demo_yaml_is_what_the_demo_writes():
-    from pathlib import Path
-
-    from po_batch.demo import CONFIG
-
     assert (Path(__file__).resolve().parent.parent / "configs" / "demo.yaml").read_text() == CONFIG

@@ -53,7 +53,7 @@ class PatchEmbed(nn.Module):
         w = self.proj.weight.float().sum(2)  # (dim, C, p, p)
         std = torch.tensor(std, device=w.device).view(1, -1, 1, 1)
         self.folded_w = (w / (255.0 * std)).flatten(1).to(self.proj.weight.dtype)
-        self.folded_b = None if self.proj.bias is None else self.proj.bias
+        self.folded_b = self.proj.bias
         mean = torch.tensor(mean, device=w.device) * 255.0
         self.pixel_mean = mean.repeat_interleave(w.shape[2] * w.shape[3])  # rows are channel-major
 
