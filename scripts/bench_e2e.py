@@ -21,6 +21,7 @@ def main():
     import torch
 
     import benchlib
+    from bench_engine import VL_PROMPT
     from po_batch import pipeline
     from po_batch.config import config_from_dict
     from po_batch.data.sink import done_units
@@ -46,8 +47,7 @@ def main():
                                      "category": ["dog"] * per}), data / f"part-{f}.parquet", row_group_size=512)
     cfg = config_from_dict({
         "model": {"path": str(ckpt)}, "input": {"paths": [str(data)], "columns": ["category"]},
-        "task": {"prompt": "Is there a {category} anywhere in this photo? Look carefully at every part of the image, "
-                           "then answer yes or no."},
+        "task": {"prompt": VL_PROMPT},
         "output": {"path": str(work / "e2e-out")}, "run": {"rows_per_unit": 1024, "log_every_s": 10}})
     cores = len(os.sched_getaffinity(0))
 

@@ -8,6 +8,7 @@ bf16 matmul rate, peak GPU memory, and bf16 parity (max |Δ P(yes)|, answer agre
 import argparse
 import collections
 import gc
+import json
 import math
 import sys
 import time
@@ -202,11 +203,10 @@ def bench_hf(ckpt_dir, rows, cfg, token_ids, batches=(16, 32, 64)) -> dict:
 
 
 def parity(ours: np.ndarray, theirs: np.ndarray) -> dict:
-    p = lambda x: 1 / (1 + np.exp(x[:, 1].astype(np.float64) - x[:, 0]))
-    dp = np.abs(p(ours) - p(theirs))
+    dp = np.abs(benchlib.p_yes(ours) - benchlib.p_yes(theirs))
     return {"samples": len(ours), "max_abs_dp_yes": float(dp.max()), "mean_abs_dp_yes": float(dp.mean()),
             "max_abs_dlogit": float(np.abs(ours - theirs).max()),
-            "answer_agreement": float(np.mean((ours[:, 0] > ours[:, 1]) == (theirs[:, 0] > theirs[:, 1])))}
+            "answer_agreement": float(benchlib.same_answer(ours, theirs).mean())}
 
 
 def main():
@@ -249,7 +249,7 @@ def main():
         ours = bench_pobatch(cfg, rows, profile=name in args.profile.split(","))
         theirs = bench_hf(ckpt, rows, cfg, open_scorer(cfg, "cpu", "float32", 0, load=False).token_ids,
                           (4, 8) if args.cpu_smoke else (16, 32, 64))
-        cfg_json = benchlib.json.loads((ckpt / "config.json").read_text())
+        cfg_json = json.loads((ckpt / "config.json").read_text())
         flops = float(np.mean([benchlib.model_flops(cfg_json, s.tokens - (s.grid[1] * s.grid[2] // 4 if s.grid else 0),
                                                     s.grid) for s in ours["samples"]]))
         best_b = max((b for b, r in theirs["by_batch"].items() if r), key=lambda b: theirs["by_batch"][b]["samples_per_s"])

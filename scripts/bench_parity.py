@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_engine  # noqa: E402
 import benchlib  # noqa: E402
 from bench_engine import VL_PROMPT, bench_hf, rows_for  # noqa: E402
 
@@ -20,17 +21,15 @@ from po_batch.scorer import open_scorer  # noqa: E402
 
 
 def compare(x: np.ndarray, ref: np.ndarray, margin: float) -> dict:
-    p = lambda a: 1 / (1 + np.exp(a[:, 1].astype(np.float64) - a[:, 0]))
-    same = (x[:, 0] > x[:, 1]) == (ref[:, 0] > ref[:, 1])
+    same = benchlib.same_answer(x, ref)
     clear = np.abs(ref[:, 0] - ref[:, 1]) >= margin
-    return {"max_abs_dp_yes": float(np.abs(p(x) - p(ref)).max()), "max_abs_dlogit": float(np.abs(x - ref).max()),
+    return {"max_abs_dp_yes": float(np.abs(benchlib.p_yes(x) - benchlib.p_yes(ref)).max()),
+            "max_abs_dlogit": float(np.abs(x - ref).max()),
             "agreement": float(same.mean()), "agreement_clear_margin": float(same[clear].mean()),
             "clear_rows": int(clear.sum())}
 
 
 def main():
-    import bench_engine
-
     ap = argparse.ArgumentParser()
     ap.add_argument("--samples", type=int, default=128)
     ap.add_argument("--margin", type=float, default=0.05, help="|yes - no| float32 logit margin counted as clear")

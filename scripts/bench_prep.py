@@ -25,9 +25,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from benchlib import CONFIGS
 from po_batch.prep.image import decode, prepare, smart_resize, spec_from_preprocessor_config
 
-CONFIG = Path("/work/shared/checkpoint-configs/Qwen3-VL-2B-Instruct")
+CONFIG = CONFIGS / "Qwen3-VL-2B-Instruct"
 # (height, width, max_pixels override or None). The first two sit on the published config's 32-pixel grid; the
 # others make both sides resize: a web-sized photo rounded to the grid, a photo capped at 448*448 pixels, and a
 # 12-megapixel camera photo capped at 1024*1024.

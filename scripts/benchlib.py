@@ -13,9 +13,7 @@ import numpy as np
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
-CONFIGS = Path("/work/shared/checkpoint-configs")  # on the device machine a copy travels in bench/configs
-if not CONFIGS.is_dir():
-    CONFIGS = ROOT / "bench" / "configs"
+CONFIGS = ROOT / "bench" / "configs"  # the published checkpoint configs (a copy of shared/checkpoint-configs)
 
 # Qwen3-0.6B (text) has no published config beside DESIGN.md; these are its released shapes
 QWEN3_06B = {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "vocab_size": 151936, "hidden_size": 1024,
@@ -129,6 +127,16 @@ def model_flops(config: dict, text_tokens: int, grid: tuple[int, int, int] | Non
     per_token = h * (heads * hd + 2 * kv * hd) + heads * hd * h + 3 * h * t["intermediate_size"]
     lm = 2 * tokens * layers * per_token + layers * 2 * tokens * tokens * heads * hd  # causal: half of 4*T^2*d
     return vision + lm
+
+
+def p_yes(logits: np.ndarray) -> np.ndarray:
+    """P(yes) from (n, 2) yes/no logits, in float64."""
+    return 1 / (1 + np.exp(logits[:, 1].astype(np.float64) - logits[:, 0]))
+
+
+def same_answer(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Per row: whether two (n, 2) yes/no logit arrays give the same answer."""
+    return (a[:, 0] > a[:, 1]) == (b[:, 0] > b[:, 1])
 
 
 def matmul_tflops(n: int = 8192, reps: int = 20) -> float:

@@ -18,7 +18,7 @@ from PIL import Image, ImageOps
 from po_batch.prep.image import ImageError, ImageSpec, decode, prepare, read_path, smart_resize, \
     spec_from_preprocessor_config
 
-CONFIGS = Path("/work/shared/checkpoint-configs")
+CONFIGS = Path(__file__).resolve().parent.parent / "bench" / "configs"  # copies of shared/checkpoint-configs
 
 
 def published(name: str) -> dict:
