@@ -11,8 +11,8 @@ from torch import nn
 
 from po_batch.layers.context import Varlen, get_context
 from po_batch.layers.mlp import GatedMLP
-from po_batch.models.qwen2_vl import Qwen2VL, vision_rope_theta
-from po_batch.models.vision import Merger, PatchEmbed, VisionBlock, patch_coords, rope_tables
+from po_batch.models.qwen2_vl import Qwen2VL
+from po_batch.models.vision import Merger, PatchEmbed, VisionBlock, patch_coords, rope_tables, vision_rope_theta
 
 
 @dataclass

@@ -9,15 +9,11 @@ from torch import nn
 from po_batch.layers.mlp import MLP
 from po_batch.models.qwen_text import TextConfig
 from po_batch.models.vision import (VL_RENAMES, Merger, PatchEmbed, VisionBlock, VisionLanguageModel, patch_coords,
-                                    rope_tables)
+                                    rope_tables, vision_rope_theta)
 
 # transformers' PatchMerger keeps its norm and MLP as `ln_q` and an nn.Sequential
 MERGER_RENAMES = [(r"\.merger\.ln_q\.", ".merger.norm."), (r"\.merger\.mlp\.0\.", ".merger.fc1."),
                   (r"\.merger\.mlp\.2\.", ".merger.fc2.")]
-
-
-def vision_rope_theta(d: dict) -> float:
-    return float((d.get("rope_parameters") or {}).get("rope_theta", 10000.0))
 
 
 @dataclass

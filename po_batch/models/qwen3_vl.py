@@ -9,7 +9,7 @@ from torch import nn
 from po_batch.layers.mlp import MLP
 from po_batch.models.qwen_text import TextConfig
 from po_batch.models.vision import (VL_RENAMES, Merger, PatchEmbed, VisionBlock, VisionLanguageModel, patch_coords,
-                                    rope_tables)
+                                    rope_tables, vision_rope_theta)
 
 
 @dataclass
@@ -37,7 +37,7 @@ class VisionConfig:
                    num_position_embeddings=d["num_position_embeddings"],
                    deepstack_visual_indexes=list(d.get("deepstack_visual_indexes", [])),
                    in_channels=d.get("in_channels", 3),
-                   rope_theta=(d.get("rope_parameters") or {}).get("rope_theta", 10000.0))
+                   rope_theta=vision_rope_theta(d))
 
 
 class VisionModel(nn.Module):

@@ -18,6 +18,11 @@ from po_batch.models.qwen_text import PACKED, Decoder, TextConfig
 VL_RENAMES = [(r"^visual\.", "model.visual."), (r"^model\.(?!visual|language_model)", "model.language_model.")]
 
 
+def vision_rope_theta(d: dict) -> float:
+    """The vision rope's θ from a vision_config: 10000 unless rope_parameters says otherwise."""
+    return float((d.get("rope_parameters") or {}).get("rope_theta", 10000.0))
+
+
 def patch_coords(grids: torch.Tensor, merge: int, n: int) -> tuple[torch.Tensor, ...]:
     """For each of the n patches of the packed images, in merge-block order: (row, col, image height, image width)
     in patches. grids: (n_images, 3) as (t, h, w). One pass on the device, no loop over images, and no wait for
