@@ -13,15 +13,14 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 
-from po_batch.config import Config, fingerprint, resolved_device, resolved_dtype, workers_count
+from po_batch.config import Config, resolved_device, resolved_dtype, workers_count
 from po_batch.data.claims import Claims, default_owner, drop_done_claims
 from po_batch.data.parquet import check_unique_ids, read_unit, resolve_path
 from po_batch.data.plan import Plan, Unit, load_or_create_plan
 from po_batch.data.sink import clean_orphans, commit_unit, is_done
-from po_batch.engine.heads import yes_no_columns
-from po_batch.prep.pool import Prep, PrepPool, RowError
+from po_batch.prep.pool import PrepPool, RowError
 from po_batch.progress import Progress
-from po_batch.scorer import Scorer, open_scorer
+from po_batch.spec import Spec, open_spec
 
 EXIT_DONE, EXIT_FAILED, EXIT_USAGE, EXIT_STOPPED = 0, 1, 2, 3
 # Batches queued on the device before the scoring thread waits for the oldest: two, so that a moment of
@@ -33,14 +32,15 @@ QUEUE_DEPTH = 2
 class UnitState:
     unit: Unit
     started_at: float
+    readout_shape: tuple[int, int]  # per row: rows read, readout width
     pieces: list[pa.RecordBatch] = field(default_factory=list)
-    logits: np.ndarray | None = None
+    readout: np.ndarray | None = None
     errors: list[str | None] = field(default_factory=list)
     kinds: collections.Counter = field(default_factory=collections.Counter)
     left: int = 0
 
     def __post_init__(self):
-        self.logits = np.full((self.unit.rows, 2), np.nan, dtype=np.float32)
+        self.readout = np.full((self.unit.rows, *self.readout_shape), np.nan, dtype=np.float32)
         self.errors = [None] * self.unit.rows
         self.left = self.unit.rows
 
@@ -57,11 +57,11 @@ class RunStats:
 
 
 class Runner:
-    def __init__(self, cfg: Config, scorer: Scorer, plan: Plan, shard: tuple[int, int] | None):
-        self.cfg, self.scorer, self.plan, self.shard = cfg, scorer, plan, shard
-        self.out = cfg.output.path
+    def __init__(self, spec: Spec, engine, plan: Plan, shard: tuple[int, int] | None):
+        self.cfg, self.spec, self.engine, self.plan, self.shard = spec.cfg, spec, engine, plan, shard
+        self.out = self.cfg.output.path
         self.owner = default_owner()
-        self.claims = None if shard else Claims(self.out, self.owner, cfg.run.claim_ttl_s)
+        self.claims = None if shard else Claims(self.out, self.owner, self.cfg.run.claim_ttl_s)
         self.stopping = False
         self.stats = RunStats()
         self.writer = ThreadPoolExecutor(1, thread_name_prefix="po-batch-writer")
@@ -87,7 +87,7 @@ class Runner:
             if is_done(self.out, unit.id):  # committed by another worker since we listed
                 self.claims and self.claims.release(unit.id)
                 continue
-            st = UnitState(unit, time.time())
+            st = UnitState(unit, time.time(), (self.spec.tasks.reads, self.spec.tasks.width))
             ids = []
             for batch in read_unit(unit, columns):
                 st.pieces.append(batch.select([inp.id_column, *inp.columns]))
@@ -104,7 +104,7 @@ class Runner:
     # --- scoring (main thread) -------------------------------------------------------------------
 
     def run(self, progress: Progress) -> int:
-        pool = PrepPool(self.scorer.prep, self.scorer.workers, inflight=max(256, 4 * self.cfg.run.batch_tokens // 64))
+        pool = PrepPool(self.spec.prep, self.spec.workers, inflight=max(256, 4 * self.cfg.run.batch_tokens // 64))
         pending, tokens = [], 0
         if self.claims:
             self.claims.start_heartbeat(max(1.0, self.cfg.run.claim_ttl_s / 10))
@@ -148,7 +148,7 @@ class Runner:
         has work queued while the host reads results and prepares more."""
         if pending:
             t = time.perf_counter()
-            self.inflight.append((self.scorer.engine.launch([s for _, _, s in pending]), pending))
+            self.inflight.append((self.engine.launch([s for _, _, s in pending]), pending))
             self.stats.launch_s += time.perf_counter() - t
         self.settle(progress, keep=QUEUE_DEPTH)
 
@@ -156,10 +156,10 @@ class Runner:
         while len(self.inflight) > keep:
             handle, rows = self.inflight.popleft()
             t = time.perf_counter()
-            logits = handle.result()
+            readouts = handle.result()
             self.stats.wait_device_s += time.perf_counter() - t
-            for (st, i, _), row in zip(rows, logits):
-                st.logits[i] = row
+            for (st, i, _), readout in zip(rows, readouts):
+                st.readout[i] = readout
             self.finish_rows([(st, i) for st, i, _ in rows], progress)
 
     def finish_rows(self, done: list, progress: Progress) -> None:
@@ -175,8 +175,8 @@ class Runner:
     def commit(self, st: UnitState) -> None:
         table = pa.Table.from_batches(st.pieces) if st.pieces else None
         failed = np.array([e is not None for e in st.errors])
-        for name, values in yes_no_columns(st.logits).items():
-            table = table.append_column(name, pa.array(values, mask=failed))
+        for name, values in self.spec.tasks.columns(st.readout, failed).items():
+            table = table.append_column(name, values)
         table = table.append_column("error", pa.array(st.errors, pa.string()))
         commit_unit(self.out, st.unit.id, table, {
             "rows": st.unit.rows, "errors": int(failed.sum()), "error_kinds": dict(st.kinds),
@@ -194,19 +194,18 @@ def run(cfg: Config, restart: bool = False, shard: tuple[int, int] | None = None
 
     device = resolved_device(cfg, torch.cuda.is_available())
     dtype = resolved_dtype(cfg, device)
-    scorer = open_scorer(cfg, device, dtype, workers_count(cfg, len(os.sched_getaffinity(0))), load=False)
-    fp = fingerprint(cfg, scorer.identity, dtype)
-    plan = load_or_create_plan(cfg.output.path, cfg.input.paths, cfg.run.rows_per_unit, fp, restart)
+    spec = open_spec(cfg, device, dtype, workers_count(cfg, len(os.sched_getaffinity(0))))
+    plan = load_or_create_plan(cfg.output.path, cfg.input.paths, cfg.run.rows_per_unit, spec.fingerprint(), restart)
     clean_orphans(cfg.output.path)
     drop_done_claims(cfg.output.path)
-    runner = Runner(cfg, scorer, plan, shard)
+    runner = Runner(spec, None, plan, shard)
     if stats is not None:
         runner.stats = stats
     todo = runner.candidates()
     if not todo:
         print(f"nothing to do: all {len(plan.units)} units of {cfg.output.path} are done")
         return EXIT_DONE
-    scorer.load()
+    runner.engine = spec.load_engine()
     progress = Progress(sum(u.rows for u in todo), cfg.run.log_every_s)
     previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)}
 

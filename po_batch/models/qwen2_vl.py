@@ -83,4 +83,4 @@ class Qwen2VL(VisionLanguageModel):
         x = lm.embed_tokens(batch.input_ids)
         if batch.patches is not None:
             x = x.index_copy(0, batch.visual, self.model.visual(batch.patches, batch.grids).to(x.dtype))
-        return lm(x, batch.positions, batch.last)
+        return lm(x, batch.positions, batch.reads)

@@ -104,4 +104,4 @@ class Qwen3VL(VisionLanguageModel):
         if batch.patches is not None:
             image, deepstack = self.model.visual(batch.patches, batch.grids)
             x = x.index_copy(0, batch.visual, image.to(x.dtype))
-        return lm(x, batch.positions, batch.last, deepstack, batch.visual)
+        return lm(x, batch.positions, batch.reads, deepstack, batch.visual)
