@@ -113,6 +113,7 @@ class ModelConfig(_Section):
     path: NonEmptyStr
     dtype: Dtype = "auto"
     device: Device = "auto"
+    quantization: Literal["none", "fp8"] = "none"  # fp8: e4m3 linear layers (Hopper/Ada GPUs), see layers/fp8.py
 
     @field_validator("path")
     @classmethod
@@ -454,7 +455,7 @@ def results_fingerprint(cfg: Config) -> dict:
     """The config's part of the fingerprint (everything in it that changes results), as flat dotted keys with
     JSON values. Paths, batch size, workers and device are left out: a resume may move the data or run on another
     node. The resolved spec adds what the checkpoint decides (spec.py)."""
-    return {**_flat(cfg.task.model_dump(), "task."),
+    return {"model.quantization": cfg.model.quantization, **_flat(cfg.task.model_dump(), "task."),
             "input.id_column": cfg.input.id_column,
             "input.image_column": cfg.input.image_column,
             "input.columns": list(cfg.input.columns)}

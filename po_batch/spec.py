@@ -51,7 +51,7 @@ class Spec:
 
         return Engine(self.ckpt, self.tasks.candidates, self.device, self.dtype, self.cfg.run.batch_tokens,
                       self.image and self.image.image_mean, self.image and self.image.image_std, fuse,
-                      self.tasks.full_vocab)
+                      self.tasks.full_vocab, self.cfg.model.quantization)
 
 
 def image_spec(ckpt: Checkpoint, cfg: Config) -> ImageSpec | None:

@@ -25,7 +25,7 @@ def main():
     from po_batch import pipeline
     from po_batch.config import config_from_dict
     from po_batch.data.sink import done_units
-    from po_batch.scorer import open_scorer
+    from po_batch.spec import open_spec
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", type=int, default=8192)
@@ -52,21 +52,22 @@ def main():
     cores = len(os.sched_getaffinity(0))
 
     # engine only: the same rows, prepared up front
-    scorer = open_scorer(cfg, "cuda", "bfloat16", workers=0)
+    spec = open_spec(cfg, "cuda", "bfloat16", workers=0)
+    engine, prep = spec.load_engine(), spec.prep
     rows = [(benchlib.photo_jpeg(448, 448, i), {"id": i, "category": "dog"}) for i in range(64)]
-    samples = [scorer.prep(rows[i % 64]) for i in range(1024)]
+    samples = [prep(rows[i % 64]) for i in range(1024)]
     t = time.perf_counter()
     for r in rows:
-        scorer.prep(r)
+        prep(r)
     prep_ms = (time.perf_counter() - t) / len(rows) * 1000
-    scorer.engine.score(samples[:128])
+    engine.score(samples[:128])
     torch.cuda.synchronize()
     t = time.perf_counter()
-    handle = scorer.engine.launch(samples)
+    handle = engine.launch(samples)
     engine_launch_s = time.perf_counter() - t
     handle.result()
     engine_rate = len(samples) / (time.perf_counter() - t)
-    del scorer
+    del spec, engine
     torch.cuda.empty_cache()
 
     runs = {}

@@ -7,7 +7,9 @@ from po_batch.engine.batch import make_batch, pack
 from po_batch.engine.heads import Readout
 from po_batch.layers.attention import backend
 from po_batch.layers.compile import FUSED
+from po_batch.layers.fp8 import quantize_fp8
 from po_batch.layers.context import set_context
+from po_batch.models.loader import ModelError
 from po_batch.models.registry import Checkpoint, load_model
 from po_batch.sample import Sample
 
@@ -17,7 +19,7 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 class Engine:
     def __init__(self, ckpt: Checkpoint, candidates: list[int], device: str = "cpu", dtype: str = "float32",
                  batch_tokens: int = 16384, pixel_mean=None, pixel_std=None, fuse: bool | None = None,
-                 full_vocab: bool = False):
+                 full_vocab: bool = False, quantization: str = "none"):
         self.device = torch.device(device)
         self.dtype = DTYPES[dtype]
         self.batch_tokens = batch_tokens
@@ -29,6 +31,11 @@ class Engine:
         self.head = Readout(self.model.lm_head.weight, candidates, full_vocab)
         if not ckpt.tie and not full_vocab:  # only the task's rows of an untied LM head are ever read
             del self.model.lm_head
+        if quantization == "fp8":
+            if self.device.type == "cuda" and torch.cuda.get_device_capability(self.device) < (8, 9):
+                raise ModelError(f"model.quantization: fp8 needs a GPU with FP8 matmuls (Ada or Hopper); "
+                                 f"{torch.cuda.get_device_name(self.device)} has none")
+            quantize_fp8(self.model)  # the readout's LM-head rows and the norms stay in the model's dtype
         self.attention = backend(self.device)
         self.fuse = self.device.type == "cuda" if fuse is None else fuse
         FUSED.enable(self.fuse)

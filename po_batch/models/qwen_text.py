@@ -6,7 +6,6 @@ projection and the MLP for the last position of each sequence alone, and the fin
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from po_batch.layers.attention import varlen_attention
@@ -76,13 +75,12 @@ class Attention(nn.Module):
     def project(self, x, cos, sin, reads: torch.Tensor | None = None):
         """Queries, keys and values, normed and rotated. With `reads` (the rows the task reads), queries are
         computed for those rows only; keys and values always for every row."""
-        w, b = self.qkv_proj.weight, self.qkv_proj.bias
         if reads is None:
             q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
             qcos, qsin = cos, sin
         else:
-            q = F.linear(x[reads], w[: self.q_size], None if b is None else b[: self.q_size])
-            k, v = F.linear(x, w[self.q_size:], None if b is None else b[self.q_size:]).split(self.kv_size, dim=-1)
+            q = self.qkv_proj.part(x[reads], 0, self.q_size)
+            k, v = self.qkv_proj.part(x, self.q_size, self.q_size + 2 * self.kv_size).split(self.kv_size, dim=-1)
             qcos, qsin = cos[reads], sin[reads]
         q = q.view(-1, self.heads, self.head_dim)
         k = k.view(-1, self.kv_heads, self.head_dim)
@@ -149,7 +147,7 @@ class Decoder(nn.Module):
         for i, layer in enumerate(body):
             x = layer(x, cos, sin)
             if deepstack and i < len(deepstack):
-                x = x.index_add(0, visual, deepstack[i])
+                x.index_add_(0, visual, deepstack[i])  # x is this forward's own tensor: no copy of it
         # Deepstack features after the last layer would only touch image rows, never a row that is read.
         return self.norm(tail(x, cos, sin, reads))
 
