@@ -19,7 +19,7 @@ from po_batch.data.parquet import check_unique_ids, read_unit, resolve_path
 from po_batch.data.plan import Plan, Unit, load_or_create_plan
 from po_batch.data.sink import clean_orphans, commit_unit, is_done
 from po_batch.prep.pool import PrepPool, RowError
-from po_batch.progress import Progress
+from po_batch.progress import Progress, plural
 from po_batch.spec import Spec, open_spec
 
 EXIT_DONE, EXIT_FAILED, EXIT_USAGE, EXIT_STOPPED = 0, 1, 2, 3
@@ -50,6 +50,7 @@ class RunStats:
     rows: int = 0
     errors: collections.Counter = field(default_factory=collections.Counter)
     units: int = 0
+    failed_units: int = 0
     # where the scoring thread spent its time: waiting for prepared rows, queuing device work, waiting for results
     wait_prep_s: float = 0.0
     launch_s: float = 0.0
@@ -187,9 +188,10 @@ class Runner:
         self.stats.errors.update(st.kinds)
 
 
-def run(cfg: Config, restart: bool = False, shard: tuple[int, int] | None = None, stats: RunStats | None = None) -> int:
+def run(cfg: Config, restart: bool = False, shard: tuple[int, int] | None = None, stats: RunStats | None = None,
+        config_path: str = "a config built in code") -> int:
     """`po-batch run`: plan or resume, score every unclaimed unit, commit each; returns the exit code.
-    `stats`, when given, is filled in as the run goes (benchmarks read it)."""
+    `stats`, when given, is filled in as the run goes (benchmarks read it); `config_path` names the run in its log."""
     import torch
 
     device = resolved_device(cfg, torch.cuda.is_available())
@@ -203,10 +205,12 @@ def run(cfg: Config, restart: bool = False, shard: tuple[int, int] | None = None
         runner.stats = stats
     todo = runner.candidates()
     if not todo:
-        print(f"nothing to do: all {len(plan.units)} units of {cfg.output.path} are done")
+        print(f"nothing to do: every unit of {cfg.output.path} is done ({plural(len(plan.units), 'unit')})")
         return EXIT_DONE
+    progress = Progress(len(todo), sum(u.rows for u in todo), cfg.run.log_every_s)
+    progress.announce(config_path, cfg.output.path, f"{device} ({dtype})", spec.workers)
     runner.engine = spec.load_engine()
-    progress = Progress(sum(u.rows for u in todo), cfg.run.log_every_s)
+    progress.begin()
     previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)}
 
     def on_signal(signum, _frame):
@@ -226,6 +230,6 @@ def run(cfg: Config, restart: bool = False, shard: tuple[int, int] | None = None
             signal.signal(s, h)
     progress.summary(runner.stats, time.time() - started, cfg.output.path, code)
     if code == EXIT_DONE and runner.left:
-        progress.note(f"{runner.left} units are claimed by other workers: they commit them, or a later run "
-                      f"takes them over")
+        progress.note(f"{plural(runner.left, 'unit')} left to the other workers that claimed them; a later run "
+                      f"takes over any they do not commit")
     return code

@@ -178,10 +178,10 @@ def output(out: Path) -> pa.Table:
 
 
 def summary(stderr: str) -> tuple[int, int]:
-    """(rows, units) from the run's closing summary."""
-    m = re.search(r"rows scored\s+(\d+) in (\d+) units", stderr)
+    """(rows, units) from the run's closing summary; rows count row errors too."""
+    m = re.search(r"(\d+) units? committed, .*; (\d+) rows? scored, (\d+) row errors?", stderr)
     assert m, stderr
-    return int(m[1]), int(m[2])
+    return int(m[2]) + int(m[3]), int(m[1])
 
 
 def owner_pid(marker: dict) -> int:
