@@ -177,6 +177,12 @@ class TaskConfig(_Section):
 class ImageConfig(_Section):
     min_pixels: Annotated[int, Field(ge=1)] | None = None
     max_pixels: Annotated[int, Field(ge=1)] | None = None
+    # A source image over this many pixels is decoded at 1/2, 1/4 or 1/8 scale if it is a JPEG (such rows differ
+    # from transformers' processor, which decodes full size), else it is a row error `bomb`. 40 MP keeps a prep
+    # worker under ~0.5 GB; PIL itself refuses any image over 179 MP, whatever this says.
+    max_decode_pixels: Annotated[int, Field(ge=1)] = 40_000_000
+    # An image file (or Parquet value) over this many bytes is a row error `too_large`, and is never read whole.
+    max_file_bytes: Annotated[int, Field(ge=1)] = 64 << 20
 
     @model_validator(mode="after")
     def _check(self) -> ImageConfig:
@@ -381,6 +387,8 @@ def fingerprint(cfg: Config, model_identity: str, dtype: str) -> dict:
         "task.no": cfg.task.no,
         "image.min_pixels": cfg.image.min_pixels,
         "image.max_pixels": cfg.image.max_pixels,
+        "image.max_decode_pixels": cfg.image.max_decode_pixels,
+        "image.max_file_bytes": cfg.image.max_file_bytes,
         "input.id_column": cfg.input.id_column,
         "input.image_column": cfg.input.image_column,
         "input.columns": list(cfg.input.columns),

@@ -54,6 +54,15 @@ def test_minimal_config_gets_the_documented_defaults(tmp_path):
     assert (cfg.image.min_pixels, cfg.image.max_pixels) == (None, None)
     assert (cfg.run.batch_tokens, cfg.run.workers, cfg.run.rows_per_unit) == (16384, "auto", 4096)
     assert (cfg.run.claim_ttl_s, cfg.run.log_every_s) == (300, 30)
+    assert (cfg.image.max_decode_pixels, cfg.image.max_file_bytes) == (40_000_000, 64 * 2**20)
+
+
+def test_image_caps_default_as_the_image_spec_does():
+    from po_batch.prep.image import ImageSpec  # what prep uses when no config is involved (tests, verify's reads)
+
+    image = config_from_dict({"model": {"path": "m"}, "input": {"paths": ["d"]}, "task": {"prompt": "p"},
+                              "output": {"path": "o"}}).image
+    assert (image.max_decode_pixels, image.max_file_bytes) == (ImageSpec.max_decode_pixels, ImageSpec.max_file_bytes)
 
 
 @pytest.mark.parametrize("answers", ['yes: yes\n  no: no', 'yes: "yes"\n  no: "no"', "'yes': Yes\n  'no': NO"])
@@ -98,6 +107,14 @@ def test_unknown_key_names_the_dotted_key(tmp_path, text, msg):
 ])
 def test_bad_run_values_name_the_key(tmp_path, run, msg):
     assert error(tmp_path, BASE + f"run:\n  {run}\n") == msg
+
+
+@pytest.mark.parametrize("image, msg", [
+    ("max_decode_pixels: 0", "image.max_decode_pixels: must be at least 1 (got 0)"),
+    ("max_file_bytes: 64MB", "image.max_file_bytes: expected an integer (got '64MB')"),
+])
+def test_bad_image_caps_name_the_key(tmp_path, image, msg):
+    assert error(tmp_path, BASE + f"image:\n  {image}\n") == msg
 
 
 @pytest.mark.parametrize("edit, msg", [
@@ -203,6 +220,10 @@ def test_fingerprint_tracks_results_not_run_settings(tmp_path):
     assert b != a
     assert [k for k in a if a[k] != b[k]] == ["task.prompt"]
     assert fingerprint(load(tmp_path, BASE), "sha-1", "float32") != a  # the resolved dtype changes results
+    # the caps decide which rows are errors and which JPEGs decode reduced
+    c = fingerprint(load(tmp_path, BASE + "image:\n  max_decode_pixels: 1000\n  max_file_bytes: 1000\n"), "sha-1",
+                    "bfloat16")
+    assert [k for k in a if a[k] != c[k]] == ["image.max_decode_pixels", "image.max_file_bytes"]
 
 
 def test_fingerprint_is_flat_json():

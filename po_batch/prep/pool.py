@@ -37,7 +37,7 @@ class Prep:
                 return Sample(*self.template.encode(fields))
             if image is None:
                 raise ImageError("the row has no image", "missing")
-            data = read_path(image) if isinstance(image, str) else image
+            data = read_path(image, self.spec.max_file_bytes) if isinstance(image, str) else image
             pixels, grid = prepare(data, self.spec)
             ids, pos = self.template.encode(fields, grid)
             return Sample(ids, pos, to_patches(pixels, self.spec.patch_size, self.spec.merge_size), grid)
