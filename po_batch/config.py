@@ -207,6 +207,9 @@ class RunConfig(_Section):
     rows_per_unit: Annotated[int, Field(ge=1)] = 4096
     claim_ttl_s: Annotated[float, Field(gt=0)] = 300
     log_every_s: Annotated[float, Field(gt=0)] = 30
+    # A row whose prep takes longer is a row error `timeout` and its worker is killed and replaced (a hung network
+    # read, a pathological image). With workers: 0, prep runs in the main process and no timeout applies.
+    row_timeout_s: Annotated[float, Field(gt=0)] = 60
 
     @field_validator("workers", mode="before")
     @classmethod

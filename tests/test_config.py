@@ -53,7 +53,7 @@ def test_minimal_config_gets_the_documented_defaults(tmp_path):
     assert (cfg.task.type, cfg.task.yes, cfg.task.no) == ("yes_no", "yes", "no")
     assert (cfg.image.min_pixels, cfg.image.max_pixels) == (None, None)
     assert (cfg.run.batch_tokens, cfg.run.workers, cfg.run.rows_per_unit) == (16384, "auto", 4096)
-    assert (cfg.run.claim_ttl_s, cfg.run.log_every_s) == (300, 30)
+    assert (cfg.run.claim_ttl_s, cfg.run.log_every_s, cfg.run.row_timeout_s) == (300, 30, 60)
     assert (cfg.image.max_decode_pixels, cfg.image.max_file_bytes) == (40_000_000, 64 * 2**20)
 
 
@@ -104,6 +104,8 @@ def test_unknown_key_names_the_dotted_key(tmp_path, text, msg):
     ("workers: -1", "run.workers: must be 'auto' or an integer >= 0 (got -1)"),
     ("workers: many", "run.workers: must be 'auto' or an integer >= 0 (got 'many')"),
     ("claim_ttl_s: 0", "run.claim_ttl_s: must be greater than 0 (got 0)"),
+    ("row_timeout_s: 0", "run.row_timeout_s: must be greater than 0 (got 0)"),
+    ("row_timeout_s: null", "run.row_timeout_s: expected a number (got null)"),
 ])
 def test_bad_run_values_name_the_key(tmp_path, run, msg):
     assert error(tmp_path, BASE + f"run:\n  {run}\n") == msg
@@ -220,7 +222,8 @@ def test_fingerprint_tracks_results_not_run_settings(tmp_path):
     assert b != a
     assert [k for k in a if a[k] != b[k]] == ["task.prompt"]
     assert fingerprint(load(tmp_path, BASE), "sha-1", "float32") != a  # the resolved dtype changes results
-    # the caps decide which rows are errors and which JPEGs decode reduced
+    # the caps decide which rows are errors and which JPEGs decode reduced; the row timeout depends on the machine
+    assert fingerprint(load(tmp_path, BASE + "run:\n  row_timeout_s: 5\n"), "sha-1", "bfloat16") == a
     c = fingerprint(load(tmp_path, BASE + "image:\n  max_decode_pixels: 1000\n  max_file_bytes: 1000\n"), "sha-1",
                     "bfloat16")
     assert [k for k in a if a[k] != c[k]] == ["image.max_decode_pixels", "image.max_file_bytes"]
