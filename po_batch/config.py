@@ -236,6 +236,12 @@ def named_questions(task: YesNoTask | LabelsTask | QuestionsTask) -> dict[str, Y
 class ImageConfig(_Section):
     min_pixels: Annotated[int, Field(ge=1)] | None = None
     max_pixels: Annotated[int, Field(ge=1)] | None = None
+    # A source image over this many pixels is decoded at 1/2, 1/4 or 1/8 scale if it is a JPEG (such rows differ
+    # from transformers' processor, which decodes full size), else it is a row error `bomb`. 40 MP keeps a prep
+    # worker under ~0.5 GB; PIL itself refuses any image over 179 MP, whatever this says.
+    max_decode_pixels: Annotated[int, Field(ge=1)] = 40_000_000
+    # An image file (or Parquet value) over this many bytes is a row error `too_large`, and is never read whole.
+    max_file_bytes: Annotated[int, Field(ge=1)] = 64 << 20
 
     @model_validator(mode="after")
     def _check(self) -> ImageConfig:
@@ -260,6 +266,9 @@ class RunConfig(_Section):
     rows_per_unit: Annotated[int, Field(ge=1)] = 4096
     claim_ttl_s: Annotated[float, Field(gt=0)] = 300
     log_every_s: Annotated[float, Field(gt=0)] = 30
+    # A row whose prep takes longer is a row error `timeout` and its worker is killed and replaced (a hung network
+    # read, a pathological image). With workers: 0, prep runs in the main process and no timeout applies.
+    row_timeout_s: Annotated[float, Field(gt=0)] = 60
 
     @field_validator("workers", mode="before")
     @classmethod

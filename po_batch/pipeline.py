@@ -105,7 +105,8 @@ class Runner:
     # --- scoring (main thread) -------------------------------------------------------------------
 
     def run(self, progress: Progress) -> int:
-        pool = PrepPool(self.spec.prep, self.spec.workers, inflight=max(256, 4 * self.cfg.run.batch_tokens // 64))
+        pool = PrepPool(self.spec.prep, self.spec.workers, inflight=max(256, 4 * self.cfg.run.batch_tokens // 64),
+                        row_timeout=self.cfg.run.row_timeout_s)
         pending, tokens = [], 0
         if self.claims:
             self.claims.start_heartbeat(max(1.0, self.cfg.run.claim_ttl_s / 10))

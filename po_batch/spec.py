@@ -63,10 +63,12 @@ def image_spec(ckpt: Checkpoint, cfg: Config) -> ImageSpec | None:
     if source is None:
         raise loader.ModelError(f"{ckpt.dir} has no preprocessor_config.json (needed for a vision model)")
     try:
-        return spec_from_preprocessor_config(json.loads(source.read_text()), cfg.image.min_pixels,
+        spec = spec_from_preprocessor_config(json.loads(source.read_text()), cfg.image.min_pixels,
                                              cfg.image.max_pixels)
     except (KeyError, ValueError) as e:
         raise loader.ModelError(f"{source.name}: {e}") from None
+    return dataclasses.replace(spec, max_decode_pixels=cfg.image.max_decode_pixels,
+                               max_file_bytes=cfg.image.max_file_bytes)
 
 
 def open_spec(cfg: Config, device: str, dtype: str, workers: int) -> Spec:

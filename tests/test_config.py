@@ -53,7 +53,16 @@ def test_minimal_config_gets_the_documented_defaults(tmp_path):
     assert (cfg.task.type, cfg.task.yes, cfg.task.no) == ("yes_no", "yes", "no")
     assert (cfg.image.min_pixels, cfg.image.max_pixels) == (None, None)
     assert (cfg.run.batch_tokens, cfg.run.workers, cfg.run.rows_per_unit) == (16384, "auto", 4096)
-    assert (cfg.run.claim_ttl_s, cfg.run.log_every_s) == (300, 30)
+    assert (cfg.run.claim_ttl_s, cfg.run.log_every_s, cfg.run.row_timeout_s) == (300, 30, 60)
+    assert (cfg.image.max_decode_pixels, cfg.image.max_file_bytes) == (40_000_000, 64 * 2**20)
+
+
+def test_image_caps_default_as_the_image_spec_does():
+    from po_batch.prep.image import ImageSpec  # what prep uses when no config is involved (tests, verify's reads)
+
+    image = config_from_dict({"model": {"path": "m"}, "input": {"paths": ["d"]}, "task": {"prompt": "p"},
+                              "output": {"path": "o"}}).image
+    assert (image.max_decode_pixels, image.max_file_bytes) == (ImageSpec.max_decode_pixels, ImageSpec.max_file_bytes)
 
 
 @pytest.mark.parametrize("answers", ['yes: yes\n  no: no', 'yes: "yes"\n  no: "no"', "'yes': Yes\n  'no': NO"])
@@ -95,9 +104,19 @@ def test_unknown_key_names_the_dotted_key(tmp_path, text, msg):
     ("workers: -1", "run.workers: must be 'auto' or an integer >= 0 (got -1)"),
     ("workers: many", "run.workers: must be 'auto' or an integer >= 0 (got 'many')"),
     ("claim_ttl_s: 0", "run.claim_ttl_s: must be greater than 0 (got 0)"),
+    ("row_timeout_s: 0", "run.row_timeout_s: must be greater than 0 (got 0)"),
+    ("row_timeout_s: null", "run.row_timeout_s: expected a number (got null)"),
 ])
 def test_bad_run_values_name_the_key(tmp_path, run, msg):
     assert error(tmp_path, BASE + f"run:\n  {run}\n") == msg
+
+
+@pytest.mark.parametrize("image, msg", [
+    ("max_decode_pixels: 0", "image.max_decode_pixels: must be at least 1 (got 0)"),
+    ("max_file_bytes: 64MB", "image.max_file_bytes: expected an integer (got '64MB')"),
+])
+def test_bad_image_caps_name_the_key(tmp_path, image, msg):
+    assert error(tmp_path, BASE + f"image:\n  {image}\n") == msg
 
 
 @pytest.mark.parametrize("edit, msg", [
@@ -202,6 +221,8 @@ def test_fingerprint_tracks_results_not_run_settings(tmp_path):
     b = results_fingerprint(load(tmp_path, BASE.replace("Answer yes or no.", "Reply yes or no.")))
     assert b != a
     assert [k for k in a if a[k] != b[k]] == ["task.prompt"]
+    # the row timeout depends on the machine, not the results (the image caps are the resolved spec's: spec.py)
+    assert results_fingerprint(load(tmp_path, BASE + "run:\n  row_timeout_s: 5\n")) == a
 
 
 def test_fingerprint_is_flat_json():

@@ -9,6 +9,7 @@ import os
 import random
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -106,12 +107,14 @@ def build_corpus(root: Path, seed: int = 0) -> dict[str, dict]:
     return rows
 
 
-def write_config(path: Path, model: Path, inputs: list, out: Path, **run) -> Path:
+def write_config(path: Path, model: Path, inputs: list, out: Path, image: dict | None = None, **run) -> Path:
     doc = {"model": {"path": str(model), "dtype": "float32", "device": "cpu"},
            "input": {"paths": [str(p) for p in inputs], "columns": ["category"]},
            "task": {"prompt": PROMPT, "yes": "yes", "no": "no"},
            "output": {"path": str(out)},
            "run": {"batch_tokens": 2048, "workers": 0, "rows_per_unit": 16, "log_every_s": 1} | run}
+    if image:
+        doc["image"] = image
     path.write_text(json.dumps(doc, indent=2))  # JSON is YAML
     return path
 
@@ -458,24 +461,89 @@ def test_signal_to_the_whole_process_group_with_prep_workers_stops_cleanly(corpu
     assert_left_whole_and_resumes(cfg, out, rows)
 
 
-def test_a_killed_prep_worker_fails_the_run_cleanly_and_a_rerun_finishes(corpus, tiny_qwen3_vl, tmp_path):
-    root, rows = corpus
-    out = tmp_path / "out"
-    cfg = write_config(tmp_path / "config.yaml", tiny_qwen3_vl, [root / "data"], out, workers=2)
-    p = start(cfg)
+def prep_workers(p: subprocess.Popen) -> list[int]:
+    """The run's spawned prep workers (not multiprocessing's resource tracker)."""
+    return [k for k in children(p.pid) if b"spawn_main" in proc_file(k, "cmdline")]
 
-    def workers() -> list[int]:  # the spawned prep workers (not multiprocessing's resource tracker)
-        return [k for k in children(p.pid) if b"spawn_main" in proc_file(k, "cmdline")]
+
+def rss_mb(pid: int) -> float:
+    line = next((x for x in proc_file(pid, "status").splitlines() if x.startswith(b"VmRSS:")), b"VmRSS: 0 kB")
+    return int(line.split()[1]) / 1024
+
+
+def test_a_prep_worker_killed_on_a_row_makes_that_row_crashed_and_the_run_goes_on(tiny_qwen3_vl, tmp_path):
+    rng = random.Random(3)
+    rows = [{"id": f"r-{i:02d}", "image": picture(rng, "JPEG"), "category": "dog"} for i in range(40)]
+    # a big but legal image, whose decode and resize keep a worker busy (and big) for a few seconds
+    y, x = np.mgrid[0:6000, 0:6000]
+    big = io.BytesIO()
+    Image.fromarray(np.dstack([x % 256, y % 256, (x + y) % 256]).astype(np.uint8)).save(big, "PNG", compress_level=1)
+    rows[25]["image"] = big.getvalue()
+    write_parquet(tmp_path / "data" / "x.parquet", rows)
+    out = tmp_path / "out"
+    cfg = write_config(tmp_path / "config.yaml", tiny_qwen3_vl, [tmp_path / "data"], out, workers=2)
+    p = start(cfg)
+    busy = []
+
+    def on_big_image() -> bool:  # its worker holds 144 MB of pixels more than the other
+        rss = {w: rss_mb(w) for w in prep_workers(p)}
+        busy[:] = [w for w, mb in rss.items() if len(rss) == 2 and mb > min(rss.values()) + 100]
+        return bool(busy)
 
     try:
-        wait_for(lambda: len(workers()) == 2, p, "the prep workers started")
-        os.kill(workers()[0], signal.SIGKILL)  # as the kernel's OOM killer would, before the work is done
+        wait_for(on_big_image, p, "a worker on the big image")
+        os.kill(busy[0], signal.SIGKILL)  # as the OOM killer would
         code, err = finish(p, timeout=120)
     finally:
         kill_group(p)
-    assert code == 1, err
-    assert "prep worker process died" in err and "rerun to resume" in err
-    assert_left_whole_and_resumes(cfg, out, rows)
+    assert code == 0, err
+    got = {r["id"]: r["error"] for r in output(out).to_pylist()}
+    assert sorted(got) == [r["id"] for r in rows]
+    assert got.pop("r-25").startswith("crashed: the prep worker died on this row")
+    assert set(got.values()) == {None}, "a row other than the one in flight was lost"
+    assert set(markers(out)) == set(plan_units(out)) == parts(out)
+    assert busy[0] not in prep_workers(p)
+
+
+def test_image_paths_that_are_no_regular_file_too_big_or_hang_are_row_errors(tiny_qwen3_vl, tmp_path):
+    rng = random.Random(4)
+    data = tmp_path / "data"
+    (data / "imgs").mkdir(parents=True)
+    os.mkfifo(data / "imgs" / "fifo.jpg")  # opening it would wait for a writer forever
+    (data / "imgs" / "big.jpg").write_bytes(rng.randbytes(300_000))
+    (data / "imgs" / "folder.jpg").mkdir()
+    hang = socket.create_server(("127.0.0.1", 0))  # accepts connections (the kernel does) and never says a word
+    hostile = {"fifo": ("imgs/fifo.jpg", "not_file"), "zero": ("/dev/zero", "not_file"),
+               "urandom": ("/dev/urandom", "not_file"), "dir": ("imgs/folder.jpg", "not_file"),
+               "big": ("imgs/big.jpg", "too_large"),
+               "ftp": (f"ftp://127.0.0.1:{hang.getsockname()[1]}/img.jpg", "timeout")}
+    rows, want = [], {}
+    for i in range(24):
+        name = f"imgs/{i}.jpg"
+        (data / name).write_bytes(picture(rng, "JPEG"))
+        rows.append({"id": f"p-{i:02d}", "image": name, "category": "car"})
+        want[f"p-{i:02d}"] = None
+    for k, (rid, (path, kind)) in enumerate(hostile.items()):
+        rows.insert(3 * k + 1, {"id": rid, "image": path, "category": "car"})
+        want[rid] = kind
+    write_parquet(data / "paths.parquet", rows, pa.string())
+    blobs = [{"id": f"b-{i}", "image": picture(rng, "PNG"), "category": "cat"} for i in range(6)]
+    blobs[2]["image"] = rng.randbytes(300_000)
+    want |= {r["id"]: None for r in blobs} | {"b-2": "too_large"}
+    write_parquet(data / "bytes.parquet", blobs)
+    out = tmp_path / "out"
+    cfg = write_config(tmp_path / "config.yaml", tiny_qwen3_vl, [data], out, image={"max_file_bytes": 200_000},
+                       workers=2, row_timeout_s=3)
+    try:
+        t = time.monotonic()
+        code, err = finish(start(cfg), timeout=120)
+    finally:
+        hang.close()
+    assert code == 0, err
+    assert time.monotonic() - t < 100
+    got = {r["id"]: r["error"] for r in output(out).to_pylist()}
+    assert {rid: e and e.split(":")[0] for rid, e in got.items()} == want, got
+    assert "image.max_file_bytes" in got["big"] and "run.row_timeout_s" in got["ftp"]
 
 
 def test_shards_together_cover_every_unit_once(corpus, tiny_qwen3_vl, tmp_path):

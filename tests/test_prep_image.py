@@ -3,7 +3,9 @@ pixel_values and image_grid_thw out; and every bad image is a row error of the r
 
 import io
 import json
+import os
 import pickle
+import resource
 import struct
 import subprocess
 import sys
@@ -261,7 +263,8 @@ def test_decompression_bomb_is_refused_from_the_header():
     # or it would be reported as truncated
     lying = png_bytes(100_000, 100_000, 8, 2, b"\x00" * 100)
     assert kind_of(lying) == "bomb"
-    assert kind_of(png_bytes(10_000, 9_000, 8, 2, b"\x00" * 100)) == "bomb"  # 90M: over the default 89.5M
+    assert kind_of(png_bytes(10_000, 9_000, 8, 2, b"\x00" * 100)) == "bomb"
+    assert kind_of(png_bytes(9000, 9900, 8, 6, b"\x00" * 100)) == "bomb"  # 89.1 MP, under PIL's own limit
 
 
 def test_aspect_ratio_over_200_is_refused():
@@ -311,6 +314,143 @@ def test_image_error_survives_pickling_between_processes():
 def test_module_does_not_import_torch():
     code = "import sys, po_batch.prep.image; print('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
+
+
+# --- size and memory caps ---------------------------------------------------------------------------------------
+
+def cap(**kw) -> ImageSpec:
+    return ImageSpec(**{**spec_from_preprocessor_config(QWEN2).__dict__, **kw})
+
+
+def read_error(path: str, max_bytes: int = 1 << 20) -> ImageError:
+    with pytest.raises(ImageError) as e:
+        read_path(path, max_bytes)
+    return e.value
+
+
+def test_special_files_and_folders_are_not_read():
+    """A FIFO would block, /dev/zero and /dev/urandom never end: in a subprocess with 60 s and 1 GiB of address
+    space, so that a regression fails instead of hanging or eating the machine's memory."""
+    code = """if True:
+        import os, sys, tempfile
+        from po_batch.prep.image import ImageError, read_path
+        d = tempfile.mkdtemp()
+        os.mkfifo(f"{d}/fifo.jpg")
+        os.mkdir(f"{d}/dir.jpg")
+        for path in (f"{d}/fifo.jpg", "/dev/zero", "/dev/urandom", f"{d}/dir.jpg", f"file://{d}/fifo.jpg",
+                     f"file://{d}/dir.jpg"):
+            try:
+                read_path(path)
+                print(path, "read")
+            except ImageError as e:
+                print(e.kind, path in str(e))
+    """
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"},
+                       preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30)))
+    assert r.stdout.split("\n") == ["not_file True"] * 6 + [""], r.stdout + r.stderr
+
+
+def test_a_file_over_the_cap_is_refused_from_its_size_and_never_read_past_it(tmp_path):
+    exact = tmp_path / "exact.jpg"
+    exact.write_bytes(b"x" * 1000)
+    assert read_path(str(exact), 1000) == b"x" * 1000
+    assert read_error(str(exact), 999).kind == "too_large"
+    sparse = tmp_path / "sparse.jpg"
+    with open(sparse, "wb") as f:
+        f.truncate(10 << 30)  # says 10 GiB, holds no block: read whole, it would be 10 GiB of memory
+    e = read_error(str(sparse))
+    assert e.kind == "too_large" and "image.max_file_bytes" in str(e) and str(sparse) in str(e)
+    # /proc files say size 0 and hold more: only the bounded read can tell
+    assert len(read_path("/proc/self/maps", 1 << 20)) > 100
+    assert read_error("/proc/self/maps", 100).kind == "too_large"
+
+
+def test_fsspec_urls_are_checked_from_their_info_and_read_bounded(tmp_path):
+    import fsspec
+
+    with fsspec.open("memory://caps/big.jpg", "wb") as f:
+        f.write(b"x" * 5000)
+    assert read_path("memory://caps/big.jpg", 5000) == b"x" * 5000
+    assert read_error("memory://caps/big.jpg", 4999).kind == "too_large"
+    assert read_error("memory://caps").kind == "not_file"
+
+
+def test_bytes_over_the_cap_are_too_large():
+    data = encode(photo(64, 64), "PNG")
+    assert kind_of(data, cap(max_file_bytes=len(data) - 1)) == "too_large"
+    assert prepare(data, cap(max_file_bytes=len(data)))[0].size > 0
+
+
+def test_a_jpeg_over_the_pixel_cap_decodes_at_the_least_dct_reduction_that_fits():
+    data = encode(photo(1000, 1200), "JPEG", quality=90)
+    for limit, size in ((1_200_000, (1200, 1000)), (400_000, (600, 500)), (100_000, (300, 250)),
+                        (20_000, (150, 125))):
+        im = decode(data, cap(max_decode_pixels=limit))
+        ref = Image.open(io.BytesIO(data))
+        ref.draft("RGB", size)
+        assert im.size == size and np.array_equal(np.array(im), np.array(ref.convert("RGB")))
+    pixels, grid = prepare(data, cap(max_decode_pixels=400_000))
+    spec = cap()
+    assert pixels.shape[:2] == smart_resize(500, 600, spec.factor, spec.min_pixels, spec.max_pixels)
+    assert kind_of(data, cap(max_decode_pixels=18_000)) == "bomb"  # 1/8 is as far as libjpeg goes
+    assert kind_of(encode(photo(1000, 1200), "PNG"), cap(max_decode_pixels=400_000)) == "bomb"
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "P+transparency", "I;16", "RGB"])
+def test_images_of_several_strips_convert_and_resize_exactly_as_one(hf, mode):
+    """Over _STRIP_PIXELS, conversion to RGB and the copies of resize go strip by strip; transformers sees the
+    whole image at once."""
+    from po_batch.prep.image import _STRIP_PIXELS
+
+    h, w = 1100, 1700
+    assert h * w > 1.5 * _STRIP_PIXELS
+    arr = photo(h, w)
+    alpha = np.tile(np.linspace(0, 255, w).astype(np.uint8), (h, 1))
+    if mode == "RGBA":
+        im = Image.fromarray(np.dstack([arr, alpha]))
+    elif mode == "LA":
+        im = Image.fromarray(np.dstack([arr[..., 0], alpha]), "LA")
+    elif mode == "P+transparency":
+        im = Image.fromarray(arr).convert("P", palette=Image.Palette.ADAPTIVE, colors=64)
+    elif mode == "I;16":
+        im = Image.fromarray((arr[..., 0].astype(np.uint16) * 3))
+    else:
+        im = Image.fromarray(arr)
+    data = encode(im, "PNG", **({"transparency": 0} if mode == "P+transparency" else {}))
+    assert_parity(hf["qwen2"], data, spec_from_preprocessor_config(QWEN2))
+
+
+def test_peak_memory_of_a_worker_for_the_biggest_rgba_png_under_the_cap():
+    """A 6000x6600 RGBA PNG (39.6 MP) -> prepare(), in a subprocess that reports its peak RSS over what it held
+    before. Converting the whole image at once (RGBA copy, white RGBA, composite, RGB) and PIL's tobytes behind
+    np.asarray took 611 MiB, 16 bytes a pixel; strip by strip it is 364 MiB."""
+    code = """if True:
+        import struct, zlib
+        from pathlib import Path
+        from po_batch.prep.image import prepare, spec_from_preprocessor_config
+        w, h = 6000, 6600
+        def chunk(tag, data):
+            return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
+        rows = (b"\\x00" + bytes(range(256)) * (4 * w // 256) + bytes(4 * w % 256)) * h
+        png = (b"\\x89PNG\\r\\n\\x1a\\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 6, 0, 0, 0))
+               + chunk(b"IDAT", zlib.compress(rows, 1)) + chunk(b"IEND", b""))
+        del rows
+        spec = spec_from_preprocessor_config({"patch_size": 16, "min_pixels": 65536, "max_pixels": 16777216})
+        def status(key):
+            line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith(key))
+            return int(line.split()[1]) * 1024
+        Path("/proc/self/clear_refs").write_text("5")  # peak RSS := current RSS
+        before = status("VmRSS")
+        pixels, grid = prepare(png, spec)
+        print(status("VmHWM") - before, grid)
+    """
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr
+    peak, grid = r.stdout.split(" ", 1)
+    assert grid.strip() == "(1, 268, 244)"
+    assert int(peak) < 12 * 6000 * 6600, f"peak {int(peak) / 2**20:.0f} MiB"
 
 
 # --- preprocessor configs -----------------------------------------------------------------------------------------

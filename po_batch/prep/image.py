@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import io
 import math
+import os
+import stat
 import warnings
 from dataclasses import dataclass
 from functools import lru_cache
@@ -16,10 +18,15 @@ from PIL import TiffImagePlugin, WebPImagePlugin  # noqa: F401  (imported to reg
 # the decoders tried, in order; JPEG covers MPO (multi-picture camera JPEGs). A Pillow built without one skips it.
 FORMATS = tuple(f for f in ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF") if f in Image.OPEN)
 
+# The defaults of config.py's image.max_decode_pixels and image.max_file_bytes (documented there): 40 MP decodes to
+# 160 MB of RGBA, which keeps a worker under ~0.5 GB; 64 MiB holds any camera JPEG or web PNG of that size.
+MAX_DECODE_PIXELS = 40_000_000
+MAX_FILE_BYTES = 64 << 20
+
 
 class ImageError(Exception):
     """A row's image cannot be used. str() is a short reason for the output's error column; .kind a category:
-    empty, not_image, unsupported, truncated, decode, bomb, too_small, aspect, missing."""
+    empty, not_image, unsupported, truncated, decode, bomb, too_small, aspect, missing, not_file, too_large."""
 
     def __init__(self, message: str, kind: str):
         super().__init__(message, kind)
@@ -39,8 +46,10 @@ class ImageSpec:
     max_pixels: int
     image_mean: tuple[float, float, float]
     image_std: tuple[float, float, float]
-    max_decode_pixels: int = 89_478_485  # PIL's bomb limit: a bigger source is refused before decoding (and PIL
-                                         # itself refuses over twice Image.MAX_IMAGE_PIXELS, whatever this says)
+    # a bigger source is decoded reduced (JPEG) or refused before decoding; PIL itself refuses any image over twice
+    # Image.MAX_IMAGE_PIXELS (179 MP), whatever this says
+    max_decode_pixels: int = MAX_DECODE_PIXELS
+    max_file_bytes: int = MAX_FILE_BYTES  # a bigger image file or Parquet value is refused, and never read whole
 
     @property
     def factor(self) -> int:
@@ -112,15 +121,18 @@ def decode(data: bytes, spec: ImageSpec | None = None) -> Image.Image:
     """Bytes of a JPEG, PNG, WebP, GIF (first frame), BMP or TIFF -> an upright RGB PIL image, converted as
     transformers' Qwen processors convert (transparency composited onto white; other modes through PIL's
     convert("RGB"), which clips 16- and 32-bit grey to 255). Header dimensions are checked before any pixel is
-    decoded; a truncated file is an error, never a partly grey image."""
+    decoded: over spec.max_decode_pixels, a JPEG is decoded reduced (see _reduce), anything else refused. A
+    truncated file is an error, never a partly grey image."""
+    spec = spec or ImageSpec  # its class attributes are the defaults
     if not data:
         raise ImageError("the image is empty (0 bytes)", "empty")
-    limit = spec.max_decode_pixels if spec else ImageSpec.max_decode_pixels
+    if len(data) > spec.max_file_bytes:
+        raise ImageError(_too_large(len(data), spec.max_file_bytes), "too_large")
     with warnings.catch_warnings():  # PIL warns on odd EXIF and on big images; the outcome is decided here
         warnings.simplefilter("ignore")
         im = _open(data)
-        if im.width * im.height > limit:
-            raise ImageError(f"the image is {im.width}x{im.height} pixels, over the limit of {limit}", "bomb")
+        if im.width * im.height > spec.max_decode_pixels:
+            _reduce(im, spec.max_decode_pixels)
         try:
             im.load()
         except Exception as e:  # PIL says "truncated" in an OSError; other damage raises whatever the decoder does
@@ -133,15 +145,52 @@ def decode(data: bytes, spec: ImageSpec | None = None) -> Image.Image:
             pass
     if im.mode == "RGB" and "transparency" not in im.info:
         return im
-    # transformers.image_transforms.convert_to_rgb, which the torchvision and PIL Qwen processors both call on
-    # PIL input
     try:
-        if "A" in im.getbands() or im.info.get("transparency") is not None:
-            im = im.convert("RGBA")
-            return Image.alpha_composite(Image.new("RGBA", im.size, (255, 255, 255, 255)), im).convert("RGB")
-        return im.convert("RGB")
+        return _to_rgb(im)
     except ValueError:  # a mode PIL cannot convert
         raise ImageError(f"{im.mode} images are not supported", "unsupported") from None
+
+
+def _reduce(im: Image.Image, limit: int) -> None:
+    """A JPEG over `limit` pixels is set to decode at 1/2, 1/4 or 1/8 scale, the least reduction that fits: libjpeg
+    scales in the DCT, so the full-size pixels never exist. Such a row differs from transformers' processor, which
+    decodes full size and resizes from there. Other formats cannot decode reduced: over the limit, they are refused."""
+    if im.format in ("JPEG", "MPO"):
+        w, h = im.size
+        s = next((s for s in (2, 4, 8) if -(-w // s) * -(-h // s) <= limit), 8)
+        im.draft(None, (max(1, w // s), max(1, h // s)))  # PIL picks the largest scale that keeps this size
+    if im.width * im.height > limit:
+        raise ImageError(f"the image is {im.width}x{im.height} pixels, over the limit of {limit} "
+                         "(image.max_decode_pixels)", "bomb")
+
+
+# Pixels converted or copied at a time: converting a whole image to RGB through RGBA makes three full-size RGBA
+# temporaries (1 GB for a 9000x9900 PNG), strip by strip they stay this small. Most web images fit in one strip.
+_STRIP_PIXELS = 1 << 20
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    """transformers.image_transforms.convert_to_rgb, which the torchvision and PIL Qwen processors both call on PIL
+    input, strip by strip: every step is per pixel, so the strips put together are the whole image's result."""
+    alpha = "A" in im.getbands() or im.info.get("transparency") is not None
+    rows = max(1, _STRIP_PIXELS // im.width)
+    if im.height <= rows:
+        return _strip_to_rgb(im, alpha)
+    out = Image.new("RGB", im.size)
+    for y in range(0, im.height, rows):
+        out.paste(_strip_to_rgb(im.crop((0, y, im.width, min(y + rows, im.height))), alpha), (0, y))
+    return out
+
+
+def _strip_to_rgb(im: Image.Image, alpha: bool) -> Image.Image:
+    if alpha:
+        im = im.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", im.size, (255, 255, 255, 255)), im).convert("RGB")
+    return im.convert("RGB")
+
+
+def _too_large(size: int, limit: int) -> str:
+    return f"the image file is {size} bytes, over the limit of {limit} (image.max_file_bytes)"
 
 
 def _open(data: bytes) -> Image.Image:
@@ -168,20 +217,53 @@ def prepare(data: bytes, spec: ImageSpec) -> tuple[np.ndarray, tuple[int, int, i
     return resize(im, h, w), (1, h // spec.patch_size, w // spec.patch_size)
 
 
-def read_path(path: str) -> bytes:
-    """A local path or an fsspec URL -> its bytes."""
+def read_path(path: str, max_bytes: int = MAX_FILE_BYTES) -> bytes:
+    """A local path or an fsspec URL -> its bytes. Only a regular file of at most max_bytes is opened, and no more
+    than max_bytes + 1 bytes of it are read: a FIFO or a device would block or never end, a file can grow after
+    its size was checked, and a remote store may not say the size at all."""
     try:
         if "://" in path:
             import fsspec
 
-            with fsspec.open(path, "rb") as f:
-                return f.read()
-        with open(path, "rb") as f:
-            return f.read()
+            fs, inner = fsspec.core.url_to_fs(path)
+            info = fs.info(inner)
+            size = _checked_size(path, info.get("type", "file") == "file", info.get("size"), max_bytes)
+            with fs.open(inner, "rb") as f:
+                return _read_bounded(f, path, size, max_bytes)
+        st = os.stat(path)
+        size = _checked_size(path, stat.S_ISREG(st.st_mode), st.st_size, max_bytes)
+        # O_NONBLOCK: a path swapped for a FIFO since the stat then reads as empty instead of waiting for a writer
+        with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC), "rb") as f:
+            return _read_bounded(f, path, size, max_bytes)
     except FileNotFoundError:
         raise ImageError(f"image file not found: {path}", "missing") from None
     except OSError as e:
         raise ImageError(f"image file cannot be read: {path} ({e.strerror or e})", "missing") from None
+
+
+def _checked_size(path: str, regular: bool, size: int | None, max_bytes: int) -> int:
+    if not regular:
+        raise ImageError(f"the image path is not a regular file: {path}", "not_file")
+    if size is not None and size > max_bytes:
+        raise ImageError(f"{_too_large(size, max_bytes)}: {path}", "too_large")
+    return size or 0
+
+
+def _read_bounded(f, path: str, size: int, max_bytes: int) -> bytes:
+    """The file's bytes in one read when it holds the `size` it said (read(n) allocates n bytes up front, so never
+    read(max_bytes) for a small file); in pieces up to max_bytes + 1 when it holds more (it grew, or its size is
+    unknown: /proc files say 0)."""
+    data = f.read(size + 1)
+    if len(data) > size:
+        parts, n = [data], len(data)
+        while n <= max_bytes and (part := f.read(min(1 << 20, max_bytes + 1 - n))):
+            parts.append(part)
+            n += len(part)
+        if n > max_bytes:
+            raise ImageError(f"the image file is over the limit of {max_bytes} bytes (image.max_file_bytes): "
+                             f"{path}", "too_large")
+        data = b"".join(parts)
+    return data
 
 
 # --- resize --------------------------------------------------------------------------------------------------
@@ -285,11 +367,30 @@ def resize(im: Image.Image, height: int, width: int) -> np.ndarray:
     """RGB PIL image -> C-contiguous uint8 (height, width, 3), equal to transformers' torchvision resize."""
     w0, h0 = im.size
     if w0 != width:  # along x on the transposed image, so that every GEMM reads and writes whole rows
-        xt = np.asarray(im.transpose(Image.Transpose.TRANSPOSE))
-        yt = _resample_rows(xt.reshape(w0, h0 * 3), width).reshape(width, h0, 3)
-        x = np.array(Image.fromarray(yt).transpose(Image.Transpose.TRANSPOSE))
+        yt = _resample_rows(_array(im, transposed=True).reshape(w0, h0 * 3), width).reshape(width, h0, 3)
+        x = _array(yt, transposed=True)
     else:
-        x = np.array(im)
+        x = _array(im)
     if h0 != height:
-        x = _resample_rows(x.reshape(h0, width * 3), height).reshape(height, width, 3)
-    return x
+        return _resample_rows(x.reshape(h0, width * 3), height).reshape(height, width, 3)
+    return np.require(x, requirements="W")  # _array's may be read-only
+
+
+def _array(src: Image.Image | np.ndarray, transposed: bool = False) -> np.ndarray:
+    """An RGB PIL image or uint8 (h, w, 3) array -> uint8 (h, w, 3), or (w, h, 3) transposed (by PIL, the fastest
+    here); read-only when it fits in one strip. A bigger image goes strip by strip: whole, it would be copied three
+    times more (PIL's own copy, a transposed copy, and tobytes joining its pieces behind np.asarray)."""
+    pil = isinstance(src, Image.Image)
+    h, w = (src.height, src.width) if pil else src.shape[:2]
+    rows = max(1, _STRIP_PIXELS // w)
+    if h <= rows:
+        im = src if pil else Image.fromarray(src)
+        return np.asarray(im.transpose(Image.Transpose.TRANSPOSE) if transposed else im)
+    out = np.empty((w, h, 3) if transposed else (h, w, 3), np.uint8)
+    for y in range(0, h, rows):
+        strip = src.crop((0, y, w, min(y + rows, h))) if pil else Image.fromarray(src[y:y + rows])
+        if transposed:
+            out[:, y:y + rows] = np.asarray(strip.transpose(Image.Transpose.TRANSPOSE))
+        else:
+            out[y:y + rows] = np.asarray(strip)
+    return out

@@ -26,7 +26,8 @@ class Prep:
             if self.spec is not None:
                 if image is None:
                     raise ImageError("the row has no image", "missing")
-                pixels, grid = prepare(read_path(image) if isinstance(image, str) else image, self.spec)
+                data = read_path(image, self.spec.max_file_bytes) if isinstance(image, str) else image
+                pixels, grid = prepare(data, self.spec)
                 patches = to_patches(pixels, self.spec.patch_size, self.spec.merge_size)
             sample = Sample(*self.template.encode(self.questions, fields, grid), patches, grid)
         except ImageError as e:
