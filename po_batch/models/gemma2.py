@@ -14,7 +14,8 @@ def layer_windows(d: dict) -> list[int | None]:
     n = d["num_hidden_layers"]
     types = d.get("layer_types") or ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(n)]
     if len(types) != n or set(types) - {"sliding_attention", "full_attention"}:
-        raise ValueError(f"layer_types {types} is not one of sliding_attention/full_attention per layer")
+        raise ValueError(f"layer_types must name sliding_attention or full_attention for each of the {n} layers "
+                         f"(got {types})")
     window = d.get("sliding_window", 4096)
     return [window if t == "sliding_attention" and window else None for t in types]
 
