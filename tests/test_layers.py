@@ -55,15 +55,16 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kv_heads", [2, 6])
 @pytest.mark.parametrize("scale,softcap,window", [(0.3, None, None), (None, None, 4), (0.3, 1.5, None),
                                                   (0.3, 1.5, 4)])
-def test_scale_soft_cap_and_sliding_window_match_eager_math(device, scale, softcap, window):
+def test_scale_soft_cap_and_sliding_window_match_eager_math(device, kv_heads, scale, softcap, window):
     """Gemma2's attention: the score scale, the soft-cap before the mask, a window shorter than most sequences;
     over whole sequences and from their last positions alone (keys gathered through key_rows, as a shared prefix
-    does), with GQA."""
+    does), with grouped and with equal K/V heads."""
     torch.manual_seed(3)
     lens = [5, 1, 9, 3, 12]
-    q, k, v = torch.randn(30, 6, 8) * 2, torch.randn(30, 2, 8) * 2, torch.randn(30, 2, 8)
+    q, k, v = torch.randn(30, 6, 8) * 2, torch.randn(30, kv_heads, 8) * 2, torch.randn(30, kv_heads, 8)
     want = reference(q, k, v, lens, True, scale, softcap, window)
     if softcap:  # the cap changes the result: the check would see a backend that drops it
         assert (want - reference(q, k, v, lens, True, scale, None, window)).abs().max() > 1
