@@ -10,6 +10,11 @@ from pathlib import Path
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                   "<|image_pad|>", "<|video_pad|>", "<|vision_pad|>"]
+QWEN_ROLES = {"unk_token": "<|endoftext|>", "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}
+# Gemma's own tokenizer also puts <bos> before any text it tokenizes; this one does not (the chat template writes
+# it), as prep/prompt.py's check that the template's parts tokenize like the whole prompt needs.
+GEMMA_ROLES = {"unk_token": "<unk>", "bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>"}
+GEMMA_SPECIAL_TOKENS = ["<start_of_turn>", "<end_of_turn>"]
 
 # Qwen2-VL's template (Qwen2.5-VL's is the same): a default system prompt, images as vision_start/pad/end.
 VL_TEMPLATE = (
@@ -24,6 +29,12 @@ VL_TEMPLATE = (
 # Qwen3-VL's template has no default system prompt.
 VL3_TEMPLATE = VL_TEMPLATE.replace(
     "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}", "")
+# Gemma's (and Gemma2's): BOS first, no system turn, the assistant is "model", the user's text trimmed.
+GEMMA_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'assistant' %}{% set role = 'model' %}"
+    "{% else %}{% set role = message['role'] %}{% endif %}<start_of_turn>{{ role }}\n{{ message['content'] | trim }}"
+    "<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
 # Text-only Qwen: content is a string.
 TEXT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n{% endfor %}"
@@ -42,8 +53,9 @@ WORDS = ["cat", "dog", "car", "tree", "house", "person", "bird", "boat", "red", 
 INIT = 0.2
 
 
-def build_tokenizer(extra_first: int = 0):
-    """A byte-level BPE like Qwen's, trained on a few prompts; `extra_first` shifts the special-token ids."""
+def build_tokenizer(extra_first: int = 0, roles: dict = QWEN_ROLES, specials: list[str] = SPECIAL_TOKENS[1:]):
+    """A byte-level BPE like Qwen's, trained on a few prompts; `extra_first` shifts the special-token ids; `roles`
+    and `specials` are the family's special tokens (Qwen's by default)."""
     from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers
     from transformers import Qwen2Tokenizer
 
@@ -60,9 +72,8 @@ def build_tokenizer(extra_first: int = 0):
     # Pad the vocabulary so the special tokens land on non-default ids.
     for i in range(extra_first):
         vocab[f"<|reserved_{i}|>"] = len(vocab)
-    qt = Qwen2Tokenizer(vocab=vocab, merges=merges, unk_token="<|endoftext|>", eos_token="<|im_end|>",
-                        pad_token="<|endoftext|>")
-    qt.add_special_tokens({"additional_special_tokens": SPECIAL_TOKENS[1:]})
+    qt = Qwen2Tokenizer(vocab=vocab, merges=merges, **roles)
+    qt.add_special_tokens({"additional_special_tokens": specials})
     return qt
 
 
@@ -72,22 +83,28 @@ def _ids(tok) -> dict:
             "vision_start_token_id": get("<|vision_start|>"), "vision_end_token_id": get("<|vision_end|>")}
 
 
-def build_checkpoint(path: str | Path, family: str = "qwen3_vl", seed: int = 0, tie: bool = False,
+def build_checkpoint(path: str | Path, family: str = "qwen3_vl", seed: int = 0, tie: bool | None = None,
                      extra_first: int = 37, **overrides) -> Path:
-    """Save a tiny random `family` checkpoint (qwen3_vl, qwen2_vl, qwen2_5_vl, qwen2, qwen3) into `path`."""
+    """Save a tiny random `family` checkpoint (qwen3_vl, qwen2_vl, qwen2_5_vl, qwen2, qwen3; gemma, gemma2 and
+    gemma2_model, the bare Gemma2Model) into `path`. The LM head is tied for Gemma, untied otherwise, unless `tie`
+    says."""
     import torch
     import transformers as tf
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    tok = build_tokenizer(extra_first)
+    gemma = family.startswith("gemma")
+    tie = gemma if tie is None else tie
+    tok = build_tokenizer(extra_first, GEMMA_ROLES, GEMMA_SPECIAL_TOKENS) if gemma else build_tokenizer(extra_first)
     vocab = len(tok) + 3  # a little slack beyond the tokenizer, as real checkpoints have
     ids = _ids(tok)
     text = dict(vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
                 num_attention_heads=6, num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-6,
-                max_position_embeddings=4096, tie_word_embeddings=tie, bos_token_id=None,
-                eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"), pad_token_id=None, initializer_range=INIT)
-    text.update(overrides.pop("text", {}))
+                max_position_embeddings=4096, tie_word_embeddings=tie, bos_token_id=tok.bos_token_id,
+                eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id if gemma else None,
+                initializer_range=INIT)
+    text_overrides = overrides.pop("text", {})
+    text.update(text_overrides)
     vision = {"initializer_range": INIT} | overrides.pop("vision", {})
     if family == "qwen3_vl":
         text["rope_parameters"] = {"rope_type": "default", "rope_theta": 5e6, "mrope_section": [3, 3, 2],
@@ -124,6 +141,19 @@ def build_checkpoint(path: str | Path, family: str = "qwen3_vl", seed: int = 0, 
         else:
             config, model_cls = tf.Qwen3Config(**text), tf.Qwen3ForCausalLM
         template, patch = TEXT_TEMPLATE, None
+    elif family == "gemma":  # Gemma-2B's layout: multi-query attention
+        text |= dict(num_attention_heads=4, num_key_value_heads=1, rope_parameters={"rope_type": "default",
+                     "rope_theta": 10000.0}) | text_overrides
+        config, model_cls, template, patch = tf.GemmaConfig(**text), tf.GemmaForCausalLM, GEMMA_TEMPLATE, None
+    elif family in ("gemma2", "gemma2_model"):
+        # Soft-caps small enough to bite on these weights, a window shorter than the tests' prompts, the score
+        # scale off 1/sqrt(head_dim); the default layer types: sliding windows on layers 0 and 2 (the last).
+        text |= dict(num_attention_heads=4, num_key_value_heads=2, rope_parameters={"rope_type": "default",
+                     "rope_theta": 10000.0}, query_pre_attn_scalar=24, attn_logit_softcapping=2.0,
+                     final_logit_softcapping=3.0, sliding_window=6) | text_overrides
+        config = tf.Gemma2Config(**text)
+        model_cls = tf.Gemma2ForCausalLM if family == "gemma2" else tf.Gemma2Model
+        template, patch = GEMMA_TEMPLATE, None
     else:
         raise ValueError(f"unknown family {family!r}")
     torch.manual_seed(seed)
@@ -133,6 +163,11 @@ def build_checkpoint(path: str | Path, family: str = "qwen3_vl", seed: int = 0, 
             if name.endswith("bias") or "norm" in name:
                 p.add_(torch.randn_like(p) * 0.1)
     model.save_pretrained(path, safe_serialization=True)
+    if family == "gemma":  # as Gemma-2B's config.json: a "gelu" that means the tanh GELU, and the tie left implicit
+        config_file = path / "config.json"
+        d = json.loads(config_file.read_text()) | {"hidden_act": "gelu"}
+        del d["tie_word_embeddings"]
+        config_file.write_text(json.dumps(d, indent=2))
     tok.chat_template = template
     tok.save_pretrained(path)
     if patch:

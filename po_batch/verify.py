@@ -45,7 +45,7 @@ class Transformers:
         ckpt = spec.ckpt
         auto = tf.AutoModelForImageTextToText if ckpt.is_vision else tf.AutoModelForCausalLM
         self.model = auto.from_pretrained(ckpt.dir, dtype=getattr(torch, spec.dtype),
-                                          attn_implementation="sdpa").to(spec.device).eval()
+                                          attn_implementation=ckpt.reference_attention).to(spec.device).eval()
         self.proc = tf.AutoProcessor.from_pretrained(ckpt.dir) if ckpt.is_vision else spec.tokenizer
         self.spec, self.image = spec, None
 

@@ -1,8 +1,9 @@
-"""Engine benchmark on a GPU: po-batch vs transformers (sdpa, logits_to_keep=1) on random weights with the
-published shapes, the same inputs, in one run on one card. Reports samples/s, MFU against the card's measured
+"""Engine benchmark on a GPU: po-batch vs transformers (sdpa, eager for Gemma2; logits_to_keep=1) on random weights
+with the published shapes, the same inputs, in one run on one card. Reports samples/s, MFU against the card's measured
 bf16 matmul rate, peak GPU memory, and bf16 parity (max |Δ P(yes)|, answer agreement). Writes JSON.
 
-    python scripts/bench_engine.py [--workloads qwen3_vl_2b,qwen3_vl_2b_mixed,qwen2_vl_2b,qwen2_5_vl_3b,qwen3_0_6b]
+    python scripts/bench_engine.py [--workloads qwen3_vl_2b,qwen3_vl_2b_mixed,qwen2_vl_2b,qwen2_5_vl_3b,qwen3_0_6b,
+                                    gemma_2b,gemma2_9b]
 """
 
 import argparse
@@ -22,6 +23,7 @@ import benchlib  # noqa: E402
 
 from po_batch.config import config_from_dict  # noqa: E402
 from po_batch.layers import attention, mlp  # noqa: E402
+from po_batch.models.registry import open_checkpoint  # noqa: E402
 from po_batch.spec import open_spec  # noqa: E402
 
 VL_PROMPT = "Is there a {category} anywhere in this photo? Look carefully at every part of the image, then answer yes or no."
@@ -35,6 +37,8 @@ WORKLOADS = {  # name: (checkpoint, image sizes or None, max_pixels)
     "qwen2_vl_2b": ("qwen2_vl_2b", "448", None),
     "qwen2_5_vl_3b": ("qwen2_5_vl_3b", "448", None),
     "qwen3_0_6b": ("qwen3_0_6b", None, None),
+    "gemma_2b": ("gemma_2b", None, None),    # bge-reranker-v2-gemma's shapes
+    "gemma2_9b": ("gemma2_9b", None, None),  # bge-multilingual-gemma2's decoder (soft-caps, sliding windows)
 }
 
 
@@ -178,7 +182,8 @@ def bench_hf(ckpt_dir, rows, cfg, token_ids, batches=(16, 32, 64)) -> dict:
 
     vision = rows[0][0] is not None
     auto = tf.AutoModelForImageTextToText if vision else tf.AutoModelForCausalLM
-    model = auto.from_pretrained(ckpt_dir, dtype=getattr(torch, DTYPE), attn_implementation="sdpa").to(DEVICE).eval()
+    attn = open_checkpoint(str(ckpt_dir)).reference_attention  # sdpa, or eager where sdpa is not exact (Gemma2)
+    model = auto.from_pretrained(ckpt_dir, dtype=getattr(torch, DTYPE), attn_implementation=attn).to(DEVICE).eval()
     result, logits = {}, None
     for b in batches:
         inputs = hf_inputs(ckpt_dir, rows, cfg, b)
@@ -211,7 +216,7 @@ def parity(ours: np.ndarray, theirs: np.ndarray) -> dict:
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--workloads", default="qwen3_vl_2b,qwen3_vl_2b_mixed,qwen2_vl_2b,qwen2_5_vl_3b,qwen3_0_6b")
+    ap.add_argument("--workloads", default="qwen3_vl_2b,qwen3_vl_2b_mixed,qwen2_vl_2b,qwen2_5_vl_3b,qwen3_0_6b,gemma_2b")
     ap.add_argument("--samples", type=int, default=512)
     ap.add_argument("--work", default="/tmp/po-batch-bench")
     ap.add_argument("--out", default=str(benchlib.ROOT / "bench" / "results" / "engine.json"))

@@ -21,6 +21,20 @@ QWEN3_06B = {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "voca
              "head_dim": 128, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "max_position_embeddings": 40960,
              "tie_word_embeddings": True, "hidden_act": "silu", "attention_bias": False}
 
+# bge-reranker-v2-gemma: Gemma-2B's released shapes ("gelu" there is the tanh GELU; the LM head is tied)
+GEMMA_2B = {"architectures": ["GemmaForCausalLM"], "model_type": "gemma", "vocab_size": 256000, "hidden_size": 2048,
+            "intermediate_size": 16384, "num_hidden_layers": 18, "num_attention_heads": 8, "num_key_value_heads": 1,
+            "head_dim": 256, "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "max_position_embeddings": 8192,
+            "hidden_act": "gelu", "attention_bias": False}
+# bge-multilingual-gemma2 is Gemma2-9B's decoder (an embedder: Gemma2Model); as a causal LM here, to time the decoder
+GEMMA2_9B = {"architectures": ["Gemma2ForCausalLM"], "model_type": "gemma2", "vocab_size": 256000,
+             "hidden_size": 3584, "intermediate_size": 14336, "num_hidden_layers": 42, "num_attention_heads": 16,
+             "num_key_value_heads": 8, "head_dim": 256, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
+             "max_position_embeddings": 8192, "hidden_activation": "gelu_pytorch_tanh", "query_pre_attn_scalar": 256,
+             "sliding_window": 4096, "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0,
+             "attention_bias": False}
+TEXT_MODELS = {"qwen3_0_6b": QWEN3_06B, "gemma_2b": GEMMA_2B, "gemma2_9b": GEMMA2_9B}
+
 PUBLISHED = {"qwen3_vl_2b": "Qwen3-VL-2B-Instruct", "qwen2_vl_2b": "Qwen2-VL-2B-Instruct",
              "qwen2_5_vl_3b": "Qwen2.5-VL-3B-Instruct"}
 
@@ -38,15 +52,21 @@ def make_checkpoint(name: str, out: Path, device: str = "cuda", tiny: bool = Fal
         return out
     if tiny:
         family = {"qwen3_vl_2b": "qwen3_vl", "qwen2_vl_2b": "qwen2_vl", "qwen2_5_vl_3b": "qwen2_5_vl",
-                  "qwen3_0_6b": "qwen3"}[name]
+                  "qwen3_0_6b": "qwen3", "gemma_2b": "gemma", "gemma2_9b": "gemma2"}[name]
         return tiny_models.build_checkpoint(out, family)
-    tok = tiny_models.build_tokenizer()
-    ids = tiny_models._ids(tok)
-    if name == "qwen3_0_6b":
-        config = tf.Qwen3Config(**{k: v for k, v in QWEN3_06B.items() if k not in ("architectures", "model_type")})
-        cls, template = tf.Qwen3ForCausalLM, tiny_models.TEXT_TEMPLATE
-        pre = None
+    gemma = name.startswith("gemma")
+    tok = tiny_models.build_tokenizer(0, tiny_models.GEMMA_ROLES, tiny_models.GEMMA_SPECIAL_TOKENS) if gemma \
+        else tiny_models.build_tokenizer()
+    pre = None
+    if name in TEXT_MODELS:
+        d = TEXT_MODELS[name] | ({"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id,
+                                  "pad_token_id": tok.pad_token_id} if gemma else {})
+        config = tf.AutoConfig.for_model(d["model_type"], **{k: v for k, v in d.items()
+                                                              if k not in ("architectures", "model_type")})
+        cls = tf.AutoModelForCausalLM
+        template = tiny_models.GEMMA_TEMPLATE if gemma else tiny_models.TEXT_TEMPLATE
     else:
+        ids = tiny_models._ids(tok)
         src = CONFIGS / PUBLISHED[name]
         d = json.loads((src / "config.json").read_text())
         d.update(ids)
@@ -57,8 +77,7 @@ def make_checkpoint(name: str, out: Path, device: str = "cuda", tiny: bool = Fal
         pre = json.loads((src / "preprocessor_config.json").read_text())
     torch.manual_seed(0)
     with torch.device(device):
-        model = cls.from_config(config, dtype=torch.bfloat16) if cls is tf.AutoModelForImageTextToText \
-            else cls(config).to(torch.bfloat16)
+        model = cls.from_config(config, dtype=torch.bfloat16)
     model.save_pretrained(out)
     del model
     tok.chat_template = template

@@ -1,6 +1,7 @@
-"""Every Qwen family scores exactly like transformers (float32, CPU) on a tiny random checkpoint with the real
-architecture, in a packed batch of mixed image sizes or prompt lengths and one sample at a time; and each
-family's config parser builds the published checkpoints' shapes from their config.json as shipped."""
+"""Every family (Qwen, Gemma, Gemma2) scores exactly like transformers (float32, CPU) on a tiny random checkpoint with
+the real architecture, in a packed batch of mixed image sizes or prompt lengths and one sample at a time; and each
+Qwen family's config parser builds the published checkpoints' shapes from their config.json as shipped (Gemma's:
+tests/test_gemma.py)."""
 
 import json
 from pathlib import Path
@@ -26,8 +27,8 @@ THINGS = ["cat", "red dog", "blue car on a green tree", "person", "bird house"]
 # Merged-token grids (rows, cols): none fills Qwen2.5-VL's tiny 3 x 3-token windows (84 px) evenly on both sides.
 GRIDS = [(2, 5), (4, 3), (5, 7), (7, 2), (1, 4)]
 VL = ["qwen2_vl", "qwen2_5_vl"]
-TEXT = ["qwen2", "qwen3"]
-TIED = ["qwen2_vl", "qwen3"]  # the others keep a separate LM head
+TEXT = ["qwen2", "qwen3", "gemma", "gemma2"]
+TIED = ["qwen2_vl", "qwen3", "gemma", "gemma2"]  # the others keep a separate LM head
 
 
 def vl_case(model_dir: Path):
@@ -63,7 +64,8 @@ def text_case(model_dir: Path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_dir)
-    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    # eager: the exact reference for every family (transformers' SDPA path drops Gemma2's score soft-cap)
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager").eval()
     tmpl = build_template(tok, image=False, image_token_id=None)
     ids = answer_ids(tok, ANSWERS)
     samples, ref = [], []

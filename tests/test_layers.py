@@ -1,6 +1,7 @@
 """Shared layers against plain references: varlen attention (causal, last-position queries, GQA, the dense path
-for equal lengths) and M-RoPE frequency layouts."""
+for equal lengths; Gemma2's score scale, soft-cap and sliding window) and M-RoPE frequency layouts."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -9,16 +10,22 @@ from po_batch.layers.context import Varlen
 from po_batch.layers.rotary import mrope_axes
 
 
-def reference(q, k, v, lens, causal):
+def reference(q, k, v, lens, causal, scale=None, softcap=None, window=None):
+    """Per sequence, in transformers' eager order: scale, soft-cap, then the (causal, sliding-window) mask."""
     outs, start = [], 0
     for n in lens:
         s = slice(start, start + n)
         rep = q.shape[1] // k.shape[1]
         kk, vv = k[s].repeat_interleave(rep, 1), v[s].repeat_interleave(rep, 1)
-        scores = torch.einsum("qhd,khd->hqk", q[s], kk) / q.shape[-1] ** 0.5
+        scores = torch.einsum("qhd,khd->hqk", q[s], kk) * (scale or q.shape[-1] ** -0.5)
+        if softcap:
+            scores = softcap * torch.tanh(scores / softcap)
+        seen = torch.ones(n, n, dtype=torch.bool)
         if causal:
-            scores = scores.masked_fill(~torch.ones(n, n, dtype=torch.bool).tril(), float("-inf"))
-        outs.append(torch.einsum("hqk,khd->qhd", scores.softmax(-1), vv))
+            seen = seen.tril()
+        if window:
+            seen = seen & ~torch.ones(n, n, dtype=torch.bool).tril(-window)  # key j needs j > i - window
+        outs.append(torch.einsum("hqk,khd->qhd", scores.masked_fill(~seen, float("-inf")).softmax(-1), vv))
         start += n
     return torch.cat(outs)
 
@@ -40,6 +47,38 @@ def test_last_position_queries_see_all_keys_of_their_sequence():
     last = torch.tensor([4, 5, 14, 17])
     got = varlen_attention(q[last], k, v, Varlen.from_lens(lens, "cpu", [1] * 4), causal=True)
     assert torch.allclose(got, full[last], atol=1e-5)
+
+
+# On a CUDA machine the same checks run through the kernels (flash-attn or torch's varlen, in bfloat16: they take
+# half precision only) and their fallback.
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kv_heads", [2, 6])
+@pytest.mark.parametrize("scale,softcap,window", [(0.3, None, None), (None, None, 4), (0.3, 1.5, None),
+                                                  (0.3, 1.5, 4)])
+def test_scale_soft_cap_and_sliding_window_match_eager_math(device, kv_heads, scale, softcap, window):
+    """Gemma2's attention: the score scale, the soft-cap before the mask, a window shorter than most sequences;
+    over whole sequences and from their last positions alone (keys gathered through key_rows, as a shared prefix
+    does), with grouped and with equal K/V heads."""
+    torch.manual_seed(3)
+    lens = [5, 1, 9, 3, 12]
+    q, k, v = torch.randn(30, 6, 8) * 2, torch.randn(30, kv_heads, 8) * 2, torch.randn(30, kv_heads, 8)
+    want = reference(q, k, v, lens, True, scale, softcap, window)
+    if softcap:  # the cap changes the result: the check would see a backend that drops it
+        assert (want - reference(q, k, v, lens, True, scale, None, window)).abs().max() > 1
+    if window:
+        assert (want - reference(q, k, v, lens, True, scale, softcap, None)).abs().max() > 1
+    dtype, tol = (torch.float32, 1e-5) if device == "cpu" else (torch.bfloat16, 3e-2)
+    dev = lambda t: t.to(device, dtype)  # noqa: E731
+    got = varlen_attention(dev(q), dev(k), dev(v), Varlen.from_lens(lens, device), True, scale, softcap, window)
+    assert torch.allclose(got.float().cpu(), want, atol=tol)
+    last = torch.tensor([4, 5, 14, 17, 29])
+    reverse = torch.arange(29, -1, -1).to(device)  # keys stored in reverse, gathered back into order
+    meta = Varlen.from_lens(lens, device, [1] * 5, key_rows=reverse)
+    got = varlen_attention(dev(q[last]), dev(k.flip(0)), dev(v.flip(0)), meta, True, scale, softcap, window)
+    assert torch.allclose(got.float().cpu(), want[last], atol=tol)
 
 
 def test_dense_path_for_equal_lengths_matches_varlen():

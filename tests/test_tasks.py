@@ -19,7 +19,7 @@ from po_batch.prep.prompt import PromptError
 from po_batch.spec import open_spec
 from po_batch.tiny import build_checkpoint
 
-FAMILIES = ["qwen3_vl", "qwen2_vl", "qwen2_5_vl", "qwen3"]
+FAMILIES = ["qwen3_vl", "qwen2_vl", "qwen2_5_vl", "qwen3", "gemma2"]
 FIRST = ["yes", "no", "Yes", "No"]              # one token each for the tiny tokenizer
 FULL = ["c", "car", "card", "cat", "yes"]       # 1, 2, 3 and 2 tokens, four of them starting with "c"
 PROMPT = "Is there a {category} in this image? Answer yes or no."

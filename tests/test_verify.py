@@ -18,7 +18,7 @@ from po_batch.spec import open_spec
 from po_batch.tiny import build_checkpoint
 from po_batch.verify import Transformers, first_rows, verify
 
-FAMILIES = ["qwen3_vl", "qwen2_vl", "qwen2_5_vl", "qwen3", "qwen2"]
+FAMILIES = ["qwen3_vl", "qwen2_vl", "qwen2_5_vl", "qwen3", "qwen2", "gemma", "gemma2"]
 
 
 def picture(w: int, h: int, seed: int) -> bytes:

@@ -28,7 +28,7 @@ class Engine:
         self.window_lens = self.model.window_lens if ckpt.is_vision else None
         if ckpt.is_vision:
             self.model.fold_pixels(pixel_mean, pixel_std)
-        self.head = Readout(self.model.lm_head.weight, candidates, full_vocab)
+        self.head = Readout(self.model.lm_head.weight, candidates, full_vocab, ckpt.logit_softcap)
         if not ckpt.tie and not full_vocab:  # only the task's rows of an untied LM head are ever read
             del self.model.lm_head
         if quantization == "fp8":

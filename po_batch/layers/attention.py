@@ -1,5 +1,8 @@
 """Variable-length attention over packed sequences: flash-attn's varlen kernel when installed, torch's
-varlen kernel on CUDA otherwise, and SDPA one sequence at a time on the CPU. Each sequence sees only itself."""
+varlen kernel on CUDA otherwise, and SDPA one sequence at a time on the CPU. Each sequence sees only itself.
+
+Without flash-attn, Gemma2's soft-capped scores (no torch kernel caps them) take the per-sequence path on CUDA too:
+exact, and slow (a Python loop over sequences, each one's scores materialised)."""
 
 import functools
 import inspect
@@ -28,7 +31,7 @@ def _torch_varlen():
     except ImportError:
         return None
     params = inspect.signature(varlen_attn).parameters
-    return varlen_attn, "window_size" in params, "enable_gqa" in params
+    return varlen_attn, "window_size" in params, "enable_gqa" in params, "scale" in params
 
 
 def backend(device: torch.device) -> str:
@@ -50,23 +53,37 @@ DENSE_WHEN_UNIFORM = True
 GQA_DIRECT = True
 
 
-def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: Varlen, causal: bool) -> torch.Tensor:
+def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: Varlen, causal: bool,
+                     scale: float | None = None, softcap: float | None = None,
+                     window: int | None = None) -> torch.Tensor:
     """q: (Tq, Hq, D), k/v: (Tk, Hkv, D) -> (Tq, Hq, D). Causal masks align to the end of each key sequence,
     so a sequence whose queries are only its last positions (or whose keys begin with a shared prefix's) sees all
-    of its keys up to each query."""
+    of its keys up to each query. `scale` multiplies the scores (None: 1/sqrt(D)); `softcap` c maps them to
+    c*tanh(s/c) before the mask (Gemma2); `window` W lets a query see only the W keys ending at its own position
+    (the sliding-window layers of a causal decoder)."""
     if meta.key_rows is not None:
         k, v = k[meta.key_rows], v[meta.key_rows]
+    if scale == q.shape[-1] ** -0.5:
+        scale = None  # the kernels' own default, which a kernel without a scale argument also serves
     kind = backend(q.device)
-    if kind != "sdpa" and DENSE_WHEN_UNIFORM and not causal and meta.uniform:
-        return _dense(q, k, v, meta.uniform)
+    plain = softcap is None and window is None
+    if kind != "sdpa" and DENSE_WHEN_UNIFORM and not causal and meta.uniform and plain:
+        return _dense(q, k, v, meta.uniform, scale)
+    span = (-1 if window is None else window - 1, 0 if causal else -1)  # keys (left, right) of each query
     if kind == "flash_attn":
-        return _flash_attn()(q, k, v, meta.cu_q, meta.cu_k, meta.max_q, meta.max_k, causal=causal)
-    if kind == "torch_varlen":
-        fn, has_window, has_gqa = _torch_varlen()
-        kw = {}
-        if k.shape[1] != q.shape[1] and GQA_DIRECT:
+        kw = {} if plain else {"window_size": span, "softcap": softcap or 0.0}
+        return _flash_attn()(q, k, v, meta.cu_q, meta.cu_k, meta.max_q, meta.max_k, softmax_scale=scale,
+                             causal=causal, **kw)
+    if kind == "torch_varlen" and softcap is None:
+        fn, has_window, has_gqa, has_scale = _torch_varlen()
+        wrapper_lacks = (window is not None and not has_window) or (scale is not None and not has_scale)
+        if (k.shape[1] != q.shape[1] and GQA_DIRECT) or wrapper_lacks:
+            # the flash kernel under the wrapper takes grouped K/V heads, a scale and a window on every release
+            kw = {} if window is None else {"window_size_left": span[0], "window_size_right": span[1]}
             return torch.ops.aten._flash_attention_forward(q, k, v, meta.cu_q, meta.cu_k, meta.max_q, meta.max_k,
-                                                           0.0, causal, return_debug_mask=False)[0]
+                                                           0.0, causal, return_debug_mask=False, scale=scale,
+                                                           **kw)[0]
+        kw = {} if scale is None else {"scale": scale}
         if k.shape[1] != q.shape[1]:
             if has_gqa:
                 kw["enable_gqa"] = True
@@ -74,32 +91,59 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: Va
                 rep = q.shape[1] // k.shape[1]
                 k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         if has_window:
-            kw["window_size"] = (-1, 0) if causal else (-1, -1)
+            kw["window_size"] = span
         else:
             kw["is_causal"] = causal
         return fn(q, k, v, meta.cu_q, meta.cu_k, meta.max_q, meta.max_k, **kw)
-    return _sdpa(q, k, v, meta, causal)
+    return _sdpa(q, k, v, meta, causal, scale, softcap, window)
 
 
-def _dense(q, k, v, length: int) -> torch.Tensor:
+def _dense(q, k, v, length: int, scale: float | None = None) -> torch.Tensor:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     shape = lambda t: t.view(-1, length, t.shape[1], t.shape[2]).transpose(1, 2)
     with sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
                       SDPBackend.MATH]):
-        o = F.scaled_dot_product_attention(shape(q), shape(k), shape(v), enable_gqa=q.shape[1] != k.shape[1])
+        o = F.scaled_dot_product_attention(shape(q), shape(k), shape(v), scale=scale,
+                                           enable_gqa=q.shape[1] != k.shape[1])
     return o.transpose(1, 2).reshape(q.shape)
 
 
-def _sdpa(q, k, v, meta: Varlen, causal: bool) -> torch.Tensor:
+def _sdpa(q, k, v, meta: Varlen, causal: bool, scale: float | None = None, softcap: float | None = None,
+          window: int | None = None) -> torch.Tensor:
     gqa = q.shape[1] != k.shape[1]
     outs = []
     for qs, ks, vs, lq, lk in zip(q.split(meta.lens_q), k.split(meta.lens_k), v.split(meta.lens_k),
                                   meta.lens_q, meta.lens_k):
-        mask = None
-        if causal and lq != lk:  # bottom-right aligned causal mask
-            mask = torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril(lk - lq)
-        o = F.scaled_dot_product_attention(qs.transpose(0, 1), ks.transpose(0, 1), vs.transpose(0, 1),
-                                           attn_mask=mask, is_causal=causal and lq == lk, enable_gqa=gqa)
+        qs, ks, vs = qs.transpose(0, 1), ks.transpose(0, 1), vs.transpose(0, 1)
+        if softcap is not None:
+            o = _capped(qs, ks, vs, _mask(lq, lk, causal, window, q.device), scale, softcap)
+        else:
+            # SDPA's own causal mask is top-left aligned: the bottom-right one is built where queries are not all keys
+            mask = _mask(lq, lk, causal, window, q.device) if window is not None or (causal and lq != lk) else None
+            o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, is_causal=causal and mask is None,
+                                               scale=scale, enable_gqa=gqa)
         outs.append(o.transpose(0, 1))
     return torch.cat(outs)
+
+
+def _mask(lq: int, lk: int, causal: bool, window: int | None, device) -> torch.Tensor | None:
+    """(lq, lk) bool, True where a query sees a key; the queries are the last lq of the lk positions."""
+    if not causal and window is None:
+        return None
+    i = torch.arange(lk - lq, lk, device=device)[:, None]
+    j = torch.arange(lk, device=device)
+    seen = j <= i if causal else torch.ones(lq, lk, dtype=torch.bool, device=device)
+    return seen if window is None else seen & (j > i - window)
+
+
+def _capped(q, k, v, mask: torch.Tensor | None, scale: float | None, softcap: float) -> torch.Tensor:
+    """(H, lq, D) attention with soft-capped scores, in transformers' eager order: scale, cap, mask, float32
+    softmax."""
+    if k.shape[0] != q.shape[0]:
+        rep = q.shape[0] // k.shape[0]
+        k, v = k.repeat_interleave(rep, 0), v.repeat_interleave(rep, 0)
+    s = torch.tanh(q @ k.transpose(1, 2) * (scale or q.shape[-1] ** -0.5) / softcap) * softcap
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf"))
+    return s.softmax(-1, dtype=torch.float32).to(q.dtype) @ v

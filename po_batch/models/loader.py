@@ -108,6 +108,7 @@ def load_weights(model: nn.Module, model_dir: Path, renames: list[tuple[str, str
                  tie: bool) -> None:
     """Copy every checkpoint tensor into its parameter; refuse missing, unexpected or misshapen tensors."""
     params = dict(model.named_parameters())
+    tie = tie and "lm_head.weight" in params  # a bare decoder (Gemma2Model) has no head to tie
     if tie:
         params.pop("lm_head.weight", None)
     fused = {n: m for n, m in model.named_modules() if isinstance(m, MergedLinear)}

@@ -7,6 +7,8 @@ import torch
 from torch import nn
 
 from po_batch.models import loader
+from po_batch.models.gemma import Gemma
+from po_batch.models.gemma2 import Gemma2
 from po_batch.models.loader import ModelError
 from po_batch.models.qwen2_5_vl import Qwen2_5_VL
 from po_batch.models.qwen2_vl import Qwen2VL
@@ -19,7 +21,13 @@ FAMILIES: dict[str, type[nn.Module]] = {
     "qwen2_5_vl": Qwen2_5_VL,
     "qwen2": QwenTextLM,
     "qwen3": QwenTextLM,
+    "gemma": Gemma,
+    "gemma2": Gemma2,
 }
+
+# transformers' defaults for keys that published configs omit, where they decide how a checkpoint loads or reads
+CONFIG_DEFAULTS = {"gemma": {"tie_word_embeddings": True},
+                   "gemma2": {"tie_word_embeddings": True, "final_logit_softcapping": 30.0}}
 
 
 def register(model_type: str, cls: type[nn.Module]) -> None:
@@ -41,6 +49,17 @@ class Checkpoint:
         text = self.config.get("text_config", {})
         return self.config.get("tie_word_embeddings", text.get("tie_word_embeddings", False))
 
+    @property
+    def logit_softcap(self) -> float | None:
+        """c where the LM head's logits are c*tanh(z/c) (Gemma2's final-logit soft-cap), else None."""
+        return self.config.get("final_logit_softcapping")
+
+    @property
+    def reference_attention(self) -> str:
+        """transformers' attention implementation that computes this checkpoint exactly: its SDPA path has no
+        score soft-cap, so Gemma2 needs eager."""
+        return "eager" if self.config.get("model_type") == "gemma2" else "sdpa"
+
 
 def open_checkpoint(path: str) -> Checkpoint:
     model_dir = loader.resolve(path)
@@ -49,7 +68,7 @@ def open_checkpoint(path: str) -> Checkpoint:
     if model_type not in FAMILIES:
         raise ModelError(f"{model_dir}/config.json: model_type {model_type!r} is not supported "
                          f"(supported: {', '.join(sorted(FAMILIES))})")
-    return Checkpoint(model_dir, config, FAMILIES[model_type])
+    return Checkpoint(model_dir, CONFIG_DEFAULTS.get(model_type, {}) | config, FAMILIES[model_type])
 
 
 def load_model(ckpt: Checkpoint, dtype: torch.dtype, device: torch.device) -> nn.Module:
