@@ -53,8 +53,8 @@ class Transformers:
         content = [{"type": "image"}, {"type": "text", "text": text}] if self.image else text
         prompt = self.proc.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
                                                add_generation_prompt=True) + answer
-        if self.image is None:
-            return self.proc([prompt], return_tensors="pt").to(self.spec.device)
+        if self.image is None:  # the rendered template holds the BOS already (Gemma's tokenizer would add another)
+            return self.proc([prompt], return_tensors="pt", add_special_tokens=False).to(self.spec.device)
         spec = self.spec.image
         return self.proc(text=[prompt], images=[self.image], return_tensors="pt",
                          size={"shortest_edge": spec.min_pixels, "longest_edge": spec.max_pixels}).to(self.spec.device)

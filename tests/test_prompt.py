@@ -80,3 +80,22 @@ def test_a_row_longer_than_the_token_budget_is_a_too_long_row_error(tmp_path):
     assert out["short"]["error"] is None and out["short"]["p_yes"] is not None
     assert out["long"]["error"].startswith("too_long: the row is ") and "run.batch_tokens (256)" in out["long"]["error"]
     assert out["long"]["p_yes"] is None
+
+
+def test_a_tokenizer_that_adds_bos_itself_gets_one_bos(tmp_path):
+    """Gemma's tokenizer adds <bos>, and its chat template renders one too: po-batch keeps exactly one."""
+    from tokenizers import processors
+    from transformers import AutoTokenizer
+
+    from po_batch.prep.prompt import build_template
+    from po_batch.sample import Question
+
+    tok = AutoTokenizer.from_pretrained(build_checkpoint(tmp_path / "gemma", "gemma"))
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{tok.bos_token} $A", special_tokens=[(tok.bos_token, tok.bos_token_id)])
+    assert tok("hi").input_ids[0] == tok.bos_token_id  # this tokenizer does add one
+    ids = build_template(tok, False, None).encode([Question("Is it a {category}?")], {"category": "cat"})[0]
+    rendered = tok.apply_chat_template([{"role": "user", "content": "Is it a cat?"}], tokenize=False,
+                                       add_generation_prompt=True)
+    assert ids.tolist() == tok(rendered, add_special_tokens=False).input_ids
+    assert ids.tolist().count(tok.bos_token_id) == 1

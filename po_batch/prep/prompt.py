@@ -95,7 +95,9 @@ def build_template(tokenizer, image: bool, image_token_id: int | None, merge: in
     if image and prefix.count(image_token_id) != 1:
         raise PromptError(f"the chat template renders {prefix.count(image_token_id)} image placeholders "
                           f"(token id {image_token_id}); expected exactly one")
-    if tokenizer(before + probe + after).input_ids != prefix + enc(probe) + suffix:
+    # the rendered template already holds whatever BOS the model wants; a tokenizer that adds one (Gemma's)
+    # must not add a second
+    if tokenizer(before + probe + after, add_special_tokens=False).input_ids != prefix + enc(probe) + suffix:
         raise PromptError("tokenizing the prompt's parts separately differs from tokenizing it whole")
     text = Tokenizer.from_str(backend.to_str())
     text.encode_special_tokens = True  # a row's "<|image_pad|>" is seven characters, not an image slot
