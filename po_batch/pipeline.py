@@ -6,6 +6,7 @@ commits finished units. SIGTERM/SIGINT/SIGUSR1 stop claiming, let claimed units 
 import collections
 import os
 import signal
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -17,7 +18,9 @@ from po_batch.config import Config, fingerprint, resolved_device, resolved_dtype
 from po_batch.data.claims import Claims, default_owner, drop_done_claims
 from po_batch.data.parquet import check_unique_ids, read_unit, resolve_path
 from po_batch.data.plan import Plan, Unit, load_or_create_plan
-from po_batch.data.sink import clean_orphans, commit_unit, is_done
+from po_batch.data.schema import Columns
+from po_batch.data.sink import LostUnit, Sink, clean_orphans
+from po_batch.data.store import Store, open_store
 from po_batch.engine.heads import yes_no_columns
 from po_batch.prep.pool import Prep, PrepPool, RowError
 from po_batch.progress import Progress
@@ -57,11 +60,12 @@ class RunStats:
 
 
 class Runner:
-    def __init__(self, cfg: Config, scorer: Scorer, plan: Plan, shard: tuple[int, int] | None):
+    def __init__(self, cfg: Config, scorer: Scorer, store: Store, plan: Plan, shard: tuple[int, int] | None):
         self.cfg, self.scorer, self.plan, self.shard = cfg, scorer, plan, shard
-        self.out = cfg.output.path
         self.owner = default_owner()
-        self.claims = None if shard else Claims(self.out, self.owner, cfg.run.claim_ttl_s)
+        self.claims = None if shard else Claims(store, self.owner, plan.epoch, cfg.run.claim_ttl_s)
+        self.sink = Sink(store, plan, self.claims)
+        self.replaced = False  # the plan was replaced under this run: nothing it scores can be committed
         self.stopping = False
         self.stats = RunStats()
         self.writer = ThreadPoolExecutor(1, thread_name_prefix="po-batch-writer")
@@ -73,7 +77,8 @@ class Runner:
 
     def candidates(self) -> list[Unit]:
         i, n = self.shard or (0, 1)
-        return [u for k, u in enumerate(self.plan.units) if k % n == i and not is_done(self.out, u.id)]
+        done = self.sink.done()
+        return [u for k, u in enumerate(self.plan.units) if k % n == i and u.id not in done]
 
     def rows(self):
         """(key, (image, fields)) for every row of every unit this worker claims, claiming lazily."""
@@ -84,7 +89,7 @@ class Runner:
                 return
             if self.claims and not self.claims.try_claim(unit.id):
                 continue
-            if is_done(self.out, unit.id):  # committed by another worker since we listed
+            if self.sink.is_done(unit.id):  # committed by another worker since we listed
                 self.claims and self.claims.release(unit.id)
                 continue
             st = UnitState(unit, time.time())
@@ -141,6 +146,8 @@ class Runner:
                 self.claims.stop_heartbeat()
                 self.claims.release_all()
         self.left = len(self.candidates())
+        if self.replaced:
+            return EXIT_FAILED
         return EXIT_STOPPED if self.stopping and self.left else EXIT_DONE
 
     def score(self, pending, progress: Progress) -> None:
@@ -178,13 +185,19 @@ class Runner:
         for name, values in yes_no_columns(st.logits).items():
             table = table.append_column(name, pa.array(values, mask=failed))
         table = table.append_column("error", pa.array(st.errors, pa.string()))
-        commit_unit(self.out, st.unit.id, table, {
-            "rows": st.unit.rows, "errors": int(failed.sum()), "error_kinds": dict(st.kinds),
-            "started_at": st.started_at, "finished_at": time.time(), "owner": self.owner})
+        try:
+            self.sink.commit(st.unit.id, table, {
+                "rows": st.unit.rows, "errors": int(failed.sum()), "error_kinds": dict(st.kinds),
+                "started_at": st.started_at, "finished_at": time.time(), "owner": self.owner})
+        except LostUnit as e:
+            print(f"po-batch: {e}", file=sys.stderr, flush=True)
+            if e.reason == "epoch":
+                self.replaced = self.stopping = True
+        else:
+            self.stats.units += 1
+            self.stats.errors.update(st.kinds)
         if self.claims:
             self.claims.release(st.unit.id)
-        self.stats.units += 1
-        self.stats.errors.update(st.kinds)
 
 
 def run(cfg: Config, restart: bool = False, shard: tuple[int, int] | None = None, stats: RunStats | None = None) -> int:
@@ -196,16 +209,20 @@ def run(cfg: Config, restart: bool = False, shard: tuple[int, int] | None = None
     dtype = resolved_dtype(cfg, device)
     scorer = open_scorer(cfg, device, dtype, workers_count(cfg, len(os.sched_getaffinity(0))), load=False)
     fp = fingerprint(cfg, scorer.identity, dtype)
-    plan = load_or_create_plan(cfg.output.path, cfg.input.paths, cfg.run.rows_per_unit, fp, restart)
-    clean_orphans(cfg.output.path)
-    drop_done_claims(cfg.output.path)
-    runner = Runner(cfg, scorer, plan, shard)
+    store = open_store(cfg.output.path)
+    columns = Columns(cfg.input.id_column, cfg.input.image_column, tuple(cfg.input.columns))
+    plan = load_or_create_plan(store, cfg.input.paths, cfg.run.rows_per_unit, fp, restart, columns)
+    clean_orphans(store)
+    drop_done_claims(store, plan.epoch)
+    runner = Runner(cfg, scorer, store, plan, shard)
     if stats is not None:
         runner.stats = stats
+    for path, why in plan.unreadable.items():
+        print(f"po-batch: input {path} is left out: {why}", file=sys.stderr)
     todo = runner.candidates()
     if not todo:
         print(f"nothing to do: all {len(plan.units)} units of {cfg.output.path} are done")
-        return EXIT_DONE
+        return EXIT_FAILED if plan.unreadable else EXIT_DONE
     scorer.load()
     progress = Progress(sum(u.rows for u in todo), cfg.run.log_every_s)
     previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)}
@@ -229,4 +246,4 @@ def run(cfg: Config, restart: bool = False, shard: tuple[int, int] | None = None
     if code == EXIT_DONE and runner.left:
         progress.note(f"{runner.left} units are claimed by other workers: they commit them, or a later run "
                       f"takes them over")
-    return code
+    return EXIT_FAILED if code == EXIT_DONE and plan.unreadable else code
