@@ -4,12 +4,14 @@ error, 3 stopped by a signal with work left."""
 import json
 import sys
 import traceback
+from importlib import metadata
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  context_settings={"help_option_names": ["-h", "--help"]},
                   help="Score image corpora with Qwen-VL models, prefill only: one forward pass per row.")
 
 ConfigArg = Annotated[Path, typer.Argument(help="The run's config.yaml.", show_default=False)]
@@ -47,8 +49,20 @@ def _parse_shard(shard: str | None) -> tuple[int, int] | None:
         if not 0 <= i < n:
             raise ValueError
     except ValueError:
-        _fail(2, f"--shard: expected I/N with 0 <= I < N (got {shard!r})")
+        _fail(2, f"--shard: expected I/N, two integers with 0 <= I < N, e.g. 0/4 (got {shard!r})")
     return i, n
+
+
+def _version(value: bool):
+    if value:
+        typer.echo(f"po-batch {metadata.version('po-batch')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                                   help="Print the version and exit.")] = False):
+    pass
 
 
 @app.command()
@@ -57,11 +71,12 @@ def run(config: ConfigArg,
         shard: Annotated[str | None, typer.Option(help="Static slice I/N of the units, without claims "
                                                        "(for filesystems without atomic create).")] = None):
     """Run or resume scoring: plan the inputs once, claim units, score them, commit each as a Parquet part."""
+    part = _parse_shard(shard)
     cfg = _config(config)  # before importing torch: a config error is reported in a moment
     from po_batch import pipeline
 
     try:
-        code = pipeline.run(cfg, restart=restart, shard=_parse_shard(shard))
+        code = pipeline.run(cfg, restart=restart, shard=part, config_path=str(config))
     except _user_errors() as e:
         _fail(2, str(e))
     except KeyboardInterrupt:
@@ -147,9 +162,13 @@ def verify(config: ConfigArg,
 def demo(directory: Annotated[Path, typer.Argument(help="Where to build the demo.")] = Path("demo"),
          rows: Annotated[int, typer.Option(help="Rows in the synthetic corpus.")] = 2000):
     """Build a tiny random Qwen3-VL and a synthetic corpus with planted bad rows, then run po-batch on it (CPU)."""
-    from po_batch.demo import run_demo
+    from po_batch.demo import DemoError, run_demo
 
-    raise typer.Exit(run_demo(directory, rows))
+    try:
+        code = run_demo(directory, rows)
+    except DemoError as e:
+        _fail(2, str(e))
+    raise typer.Exit(code)
 
 
 def main():

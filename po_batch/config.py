@@ -8,10 +8,11 @@ import os
 import re
 from pathlib import Path
 from string import Formatter
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, ValidationInfo, field_validator,
+                      model_validator)
 
 NonEmptyStr = Annotated[str, Field(min_length=1)]
 Dtype = Literal["auto", "bfloat16", "float16", "float32"]
@@ -112,6 +113,7 @@ class ModelConfig(_Section):
     path: NonEmptyStr
     dtype: Dtype = "auto"
     device: Device = "auto"
+    quantization: Literal["none", "fp8"] = "none"  # fp8: e4m3 linear layers (Hopper/Ada GPUs), see layers/fp8.py
 
     @field_validator("path")
     @classmethod
@@ -161,17 +163,74 @@ class InputConfig(_Section):
         return self
 
 
-class TaskConfig(_Section):
+class YesNoTask(_Section):
+    """One question answered by the logits of two answer tokens at the last position."""
+    kind: ClassVar[str] = "yes_no"
     type: Literal["yes_no"] = "yes_no"
     prompt: NonEmptyStr
     yes: NonEmptyStr = "yes"
     no: NonEmptyStr = "no"
 
     @model_validator(mode="after")
-    def _check(self) -> TaskConfig:
+    def _check(self) -> YesNoTask:
         if self.yes == self.no:
-            raise _FieldError("no", f"must differ from task.yes (both {self.yes!r})")
+            raise _FieldError("no", f"must differ from yes (both {self.yes!r})")
         return self
+
+
+class LabelsTask(_Section):
+    """One question answered by the best of several labels: first-token logits, or summed label log-probs."""
+    kind: ClassVar[str] = "labels"
+    type: Literal["labels"]
+    prompt: NonEmptyStr
+    labels: Annotated[list[NonEmptyStr], Field(min_length=2)]
+    label_scoring: Literal["first_token", "full"] = "first_token"
+
+    @model_validator(mode="after")
+    def _check(self) -> LabelsTask:
+        seen = set()
+        for label in self.labels:
+            if label in seen:
+                raise _FieldError("labels", f"{label!r} is listed twice")
+            seen.add(label)
+        return self
+
+
+def _task_kind(v: Any) -> str | None:
+    """The union's tag: `questions` when the section holds questions, else its `type` (yes_no by default)."""
+    if isinstance(v, dict):
+        return "questions" if "questions" in v else v.get("type", "yes_no")
+    return v.kind if isinstance(v, _Section) else None
+
+
+_QUESTION_TYPES = {"yes_no": YesNoTask, "labels": LabelsTask}
+QuestionConfig = Annotated[Union[tuple(Annotated[cls, Tag(tag)] for tag, cls in _QUESTION_TYPES.items())],
+                           Discriminator(_task_kind)]
+QUESTION_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+class QuestionsTask(_Section):
+    """Several questions about each row's image; each question's columns are prefixed by its name."""
+    kind: ClassVar[str] = "questions"
+    questions: Annotated[dict[str, QuestionConfig], Field(min_length=1)]
+
+    @model_validator(mode="after")
+    def _check(self) -> QuestionsTask:
+        for name in self.questions:
+            if not QUESTION_NAME.match(name):
+                raise _FieldError("questions", f"{name!r} is not a valid question name (letters, digits and _, "
+                                               "not starting with a digit): it prefixes output column names")
+        return self
+
+
+TASK_TYPES = {**_QUESTION_TYPES, "questions": QuestionsTask}
+TaskConfig = Annotated[Union[tuple(Annotated[cls, Tag(tag)] for tag, cls in TASK_TYPES.items())],
+                       Discriminator(_task_kind)]
+
+
+def named_questions(task: YesNoTask | LabelsTask | QuestionsTask) -> dict[str, YesNoTask | LabelsTask]:
+    """The task's questions by name; a single task is one question named "" (its columns take no prefix)."""
+    return dict(task.questions) if isinstance(task, QuestionsTask) else {"": task}
 
 
 class ImageConfig(_Section):
@@ -219,30 +278,12 @@ class Config(_Section):
     run: RunConfig = Field(default_factory=RunConfig)
 
     @model_validator(mode="after")
-    def _check_prompt(self) -> Config:
+    def _check_prompts(self) -> Config:
         allowed = [self.input.id_column, *self.input.columns]
-        have = ", ".join(self.input.columns) or "none"
-        prompt = self.task.prompt
-        try:
-            fields = [f for _, f, _, _ in Formatter().parse(prompt) if f is not None]
-        except ValueError as e:
-            raise _FieldError("task.prompt", f"{e}; write {{{{ or }}}} for a literal brace") from None
-        for f in fields:
-            if f == "" or f.isdigit():
-                raise _FieldError("task.prompt", f"{{{f}}} has no name; write a column name, e.g. {{category}}")
-            if f not in allowed and re.search(r"[.\[]", f):
-                raise _FieldError("task.prompt", f"{{{f}}}: only plain column names are allowed in braces")
-            if f not in allowed:
-                raise _FieldError("task.prompt", f"{{{f}}} is not a column; add it to input.columns (have: {have})")
-        try:
-            prompt.format_map({c: _Blank() for c in allowed})
-        except KeyError as e:  # a field nested in a format spec, e.g. {category:{width}}
-            raise _FieldError("task.prompt", f"{{{e.args[0]}}} is not a column; "
-                                             f"add it to input.columns (have: {have})") from None
-        except (ValueError, IndexError) as e:
-            raise _FieldError("task.prompt", f"does not format: {e}") from None
+        for name, q in named_questions(self.task).items():
+            _check_prompt(q.prompt, f"task.questions.{name}.prompt" if name else "task.prompt", allowed,
+                          self.input.columns)
         return self
-
 
     @model_validator(mode="after")
     def _check_output(self) -> Config:
@@ -256,6 +297,27 @@ class Config(_Section):
                                                  f"(input.paths[{i}] is {p}); po-batch would read its own output "
                                                  "as input: write it elsewhere")
         return self
+
+
+def _check_prompt(prompt: str, key: str, allowed: list[str], columns: list[str]) -> None:
+    have = ", ".join(columns) or "none"
+    try:
+        fields = [f for _, f, _, _ in Formatter().parse(prompt) if f is not None]
+    except ValueError as e:
+        raise _FieldError(key, f"{e}; write {{{{ or }}}} for a literal brace") from None
+    for f in fields:
+        if f == "" or f.isdigit():
+            raise _FieldError(key, f"{{{f}}} has no name; write a column name, e.g. {{category}}")
+        if f not in allowed and re.search(r"[.\[]", f):
+            raise _FieldError(key, f"{{{f}}}: only plain column names are allowed in braces")
+        if f not in allowed:
+            raise _FieldError(key, f"{{{f}}} is not a column; add it to input.columns (have: {have})")
+    try:
+        prompt.format_map({c: _Blank() for c in allowed})
+    except KeyError as e:  # a field nested in a format spec, e.g. {category:{width}}
+        raise _FieldError(key, f"{{{e.args[0]}}} is not a column; add it to input.columns (have: {have})") from None
+    except (ValueError, IndexError) as e:
+        raise _FieldError(key, f"does not format: {e}") from None
 
 
 def _input_dir(path: str) -> str | None:
@@ -306,19 +368,33 @@ def _dotted(loc: tuple) -> str:
     return out
 
 
-def _fields_of(loc: tuple) -> list[str]:
-    model: type[BaseModel] = Config
-    for part in loc:
-        ann = model.model_fields[part].annotation
-        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
-            return []
-        model = ann
-    return list(model.model_fields)
+def _untag(loc: tuple) -> tuple[tuple, list[type[BaseModel]]]:
+    """pydantic puts a tagged union's tag into the error's location (task.labels.prompt for task.prompt): drop
+    it, and return beside the clean location the model class of each of its parts, for key suggestions."""
+    clean, models, model = [], [], Config
+    parts = list(loc)
+    while parts:
+        part = parts.pop(0)
+        clean.append(part)
+        field = model.model_fields.get(part) if isinstance(model, type) else None
+        if field is None:
+            model = None
+        elif part == "task":
+            model = TASK_TYPES.get(parts.pop(0)) if parts else None
+        elif part == "questions" and model is QuestionsTask:
+            if parts:
+                clean.append(parts.pop(0))  # the question's name
+            model = _QUESTION_TYPES.get(parts.pop(0)) if parts else None
+        else:
+            ann = field.annotation
+            model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+        models.append(model)
+    return tuple(clean), models
 
 
 def _message(err: dict) -> str:
     """One pydantic error as `dotted.key: short message (got value)`."""
-    loc, kind, ctx = tuple(err["loc"]), err["type"], err.get("ctx", {})
+    (loc, models), kind, ctx = _untag(tuple(err["loc"])), err["type"], err.get("ctx", {})
     got = f" (got {_show(err['input'])})"
     if kind == "value_error":
         e = ctx["error"]
@@ -328,7 +404,8 @@ def _message(err: dict) -> str:
             msg = str(e)
     elif kind == "extra_forbidden":
         parent, key = loc[:-1], loc[-1]
-        fields = _fields_of(parent)
+        owner = models[-2] if len(models) > 1 else Config
+        fields = list(owner.model_fields) if owner else []
         close = difflib.get_close_matches(str(key), fields, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else f" (known: {', '.join(fields)})"
         return f"{_dotted(parent) or 'config'}: unknown key {key!r}{hint}"
@@ -342,6 +419,11 @@ def _message(err: dict) -> str:
         msg = "must not be empty"
     elif kind == "literal_error":
         msg = f"must be {ctx['expected']}{got}"
+    elif kind == "union_tag_invalid":  # an unknown task.type
+        types = " or ".join(repr(t) for t in _QUESTION_TYPES)
+        loc, msg = loc + ("type",), f"must be {types}, or the task a mapping of questions (got {ctx['tag']!r})"
+    elif kind == "union_tag_not_found":
+        msg = f"expected {_TYPE_NAMES['dict_type']}{got}"
     elif kind in _TYPE_NAMES:
         msg = f"expected {_TYPE_NAMES[kind]}{got}"
     else:
@@ -395,20 +477,21 @@ def workers_count(cfg: Config, cpu_count: int) -> int:
 
 # --- fingerprint ---------------------------------------------------------------------------------
 
-def fingerprint(cfg: Config, model_identity: str, dtype: str) -> dict:
-    """Everything that changes results, as flat dotted keys with JSON values; `dtype` is the resolved one (auto
-    means bfloat16 on a GPU and float32 on a CPU). Paths, batch size, workers and device are left out: a resume
-    may move the data or run on another node."""
-    return {
-        "model.identity": model_identity,
-        "model.dtype": dtype,
-        "task.type": cfg.task.type,
-        "task.prompt": cfg.task.prompt,
-        "task.yes": cfg.task.yes,
-        "task.no": cfg.task.no,
-        "image.min_pixels": cfg.image.min_pixels,
-        "image.max_pixels": cfg.image.max_pixels,
-        "input.id_column": cfg.input.id_column,
-        "input.image_column": cfg.input.image_column,
-        "input.columns": list(cfg.input.columns),
-    }
+def results_fingerprint(cfg: Config) -> dict:
+    """The config's part of the fingerprint (everything in it that changes results), as flat dotted keys with
+    JSON values. Paths, batch size, workers and device are left out: a resume may move the data or run on another
+    node. The resolved spec adds what the checkpoint decides (spec.py)."""
+    return {"model.quantization": cfg.model.quantization, **_flat(cfg.task.model_dump(), "task."),
+            "input.id_column": cfg.input.id_column,
+            "input.image_column": cfg.input.image_column,
+            "input.columns": list(cfg.input.columns)}
+
+
+def _flat(d: dict, prefix: str) -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out |= _flat(v, f"{prefix}{k}.")
+        else:
+            out[f"{prefix}{k}"] = v
+    return out

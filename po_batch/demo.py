@@ -2,7 +2,11 @@
 corrupt rows planted on purpose), its config, and a real run of the pipeline on the CPU."""
 
 import io
+import json
+import os
 import random
+import shlex
+import shutil
 import sys
 from pathlib import Path
 
@@ -11,6 +15,8 @@ import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 
 CATEGORIES = ["cat", "dog", "car", "tree", "house", "boat"]
+# Written first into the demo's folder: a rerun may overwrite a folder that has it, and no other.
+MARKER = ".po-batch-demo"
 
 CONFIG = """\
 # The demo's run: a tiny random Qwen3-VL on the CPU. See configs/example.yaml for a real one.
@@ -84,21 +90,63 @@ def build_corpus(data: Path, rows: int, files: int = 4, seed: int = 0) -> int:
     return bad
 
 
+class DemoError(Exception):
+    """The demo's folder cannot be used."""
+
+
+def claim_folder(directory: Path) -> None:
+    """Make `directory` the demo's: a new or empty folder, or one an earlier demo made (the demo overwrites its
+    model/, data/, out/ and config.yaml)."""
+    if directory.exists() and not directory.is_dir():
+        raise DemoError(f"demo: {directory} is a file; give a new or empty folder")
+    if directory.is_dir() and not (directory / MARKER).is_file() and any(directory.iterdir()):
+        raise DemoError(f"demo: {directory} is not empty and was not made by `po-batch demo`; "
+                        f"give a new or empty folder")
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / MARKER).write_text("made by `po-batch demo`, which reruns may overwrite\n")
+
+
+def shell_word(path: str | Path) -> str:
+    """`path` as the shell runs it from the current folder: relative where inside it, else absolute."""
+    path = Path(os.path.abspath(path))
+    try:
+        rel = path.relative_to(Path.cwd())
+        word = str(rel) if rel.parent != Path(".") else f"./{rel}"
+    except ValueError:
+        word = str(path)
+    return shlex.quote(word)
+
+
+def po_batch_command() -> str:
+    """The po-batch executable as the user can run it: the script beside this interpreter (a venv's bin/), else
+    the one on PATH, else this interpreter running the module."""
+    beside = Path(sys.executable).parent / "po-batch"
+    if beside.is_file():
+        return shell_word(beside)
+    if on_path := shutil.which("po-batch"):
+        return shell_word(on_path)
+    return f"{shell_word(sys.executable)} -m po_batch.cli"
+
+
 def run_demo(directory: Path, rows: int) -> int:
+    directory = Path(directory)
+    claim_folder(directory)
     from po_batch import pipeline
     from po_batch.config import load_config
     from po_batch.tiny import build_checkpoint
 
-    directory = Path(directory)
     print(f"building a tiny random Qwen3-VL checkpoint in {directory / 'model'}")
     build_checkpoint(directory / "model", "qwen3_vl", tie=True)
     print(f"writing a synthetic corpus of {rows} images to {directory / 'data'}")
     bad = build_corpus(directory / "data", rows)
-    (directory / "config.yaml").write_text(CONFIG)
-    print(f"planted {bad} corrupt rows; running: po-batch run {directory / 'config.yaml'}")
-    code = pipeline.run(load_config(directory / "config.yaml"), restart=True)
-    out = directory / "out"
-    print(f"\nread the results:\n  {sys.executable} -c \"import pyarrow.dataset as ds; "
-          f"print(ds.dataset('{out}').to_table().slice(0, 5).to_pylist())\"\n"
-          f"  po-batch status {out}")
+    config, out, exe = directory / "config.yaml", directory / "out", po_batch_command()
+    config.write_text(CONFIG)
+    print(f"planted {bad} corrupt rows; running: {exe} run {shlex.quote(str(config))} --restart")
+    code = pipeline.run(load_config(config), restart=True, config_path=str(config))
+    read = f"import pyarrow.dataset as ds; print(ds.dataset({json.dumps(str(out))}).to_table().slice(0, 5).to_pylist())"
+    print(f"\nread the results:\n"
+          f"  {shell_word(sys.executable)} -c {shlex.quote(read)}\n"
+          f"  {exe} status {shlex.quote(str(out))}\n"
+          f"score it again from scratch:\n"
+          f"  {exe} run {shlex.quote(str(config))} --restart")
     return code

@@ -14,17 +14,16 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 
-from po_batch.config import Config, fingerprint, resolved_device, resolved_dtype, workers_count
+from po_batch.config import Config, resolved_device, resolved_dtype, workers_count
 from po_batch.data.claims import Claims, default_owner, drop_done_claims
 from po_batch.data.parquet import check_unique_ids, read_unit, resolve_path
 from po_batch.data.plan import Plan, Unit, load_or_create_plan
 from po_batch.data.schema import Columns
 from po_batch.data.sink import LostUnit, Sink, clean_orphans
 from po_batch.data.store import Store, open_store
-from po_batch.engine.heads import yes_no_columns
-from po_batch.prep.pool import Prep, PrepPool, RowError
-from po_batch.progress import Progress
-from po_batch.scorer import Scorer, open_scorer
+from po_batch.prep.pool import PrepPool, RowError
+from po_batch.progress import Progress, plural
+from po_batch.spec import Spec, open_spec
 
 EXIT_DONE, EXIT_FAILED, EXIT_USAGE, EXIT_STOPPED = 0, 1, 2, 3
 # Batches queued on the device before the scoring thread waits for the oldest: two, so that a moment of
@@ -36,14 +35,15 @@ QUEUE_DEPTH = 2
 class UnitState:
     unit: Unit
     started_at: float
+    readout_shape: tuple[int, int]  # per row: rows read, readout width
     pieces: list[pa.RecordBatch] = field(default_factory=list)
-    logits: np.ndarray | None = None
+    readout: np.ndarray | None = None
     errors: list[str | None] = field(default_factory=list)
     kinds: collections.Counter = field(default_factory=collections.Counter)
     left: int = 0
 
     def __post_init__(self):
-        self.logits = np.full((self.unit.rows, 2), np.nan, dtype=np.float32)
+        self.readout = np.full((self.unit.rows, *self.readout_shape), np.nan, dtype=np.float32)
         self.errors = [None] * self.unit.rows
         self.left = self.unit.rows
 
@@ -53,6 +53,7 @@ class RunStats:
     rows: int = 0
     errors: collections.Counter = field(default_factory=collections.Counter)
     units: int = 0
+    failed_units: int = 0
     # where the scoring thread spent its time: waiting for prepared rows, queuing device work, waiting for results
     wait_prep_s: float = 0.0
     launch_s: float = 0.0
@@ -60,10 +61,10 @@ class RunStats:
 
 
 class Runner:
-    def __init__(self, cfg: Config, scorer: Scorer, store: Store, plan: Plan, shard: tuple[int, int] | None):
-        self.cfg, self.scorer, self.plan, self.shard = cfg, scorer, plan, shard
+    def __init__(self, spec: Spec, engine, store: Store, plan: Plan, shard: tuple[int, int] | None):
+        self.cfg, self.spec, self.engine, self.plan, self.shard = spec.cfg, spec, engine, plan, shard
         self.owner = default_owner()
-        self.claims = None if shard else Claims(store, self.owner, plan.epoch, cfg.run.claim_ttl_s)
+        self.claims = None if shard else Claims(store, self.owner, plan.epoch, self.cfg.run.claim_ttl_s)
         self.sink = Sink(store, plan, self.claims)
         self.replaced = False  # the plan was replaced under this run: nothing it scores can be committed
         self.stopping = False
@@ -92,7 +93,7 @@ class Runner:
             if self.sink.is_done(unit.id):  # committed by another worker since we listed
                 self.claims and self.claims.release(unit.id)
                 continue
-            st = UnitState(unit, time.time())
+            st = UnitState(unit, time.time(), (self.spec.tasks.reads, self.spec.tasks.width))
             ids = []
             for batch in read_unit(unit, columns):
                 st.pieces.append(batch.select([inp.id_column, *inp.columns]))
@@ -109,7 +110,7 @@ class Runner:
     # --- scoring (main thread) -------------------------------------------------------------------
 
     def run(self, progress: Progress) -> int:
-        pool = PrepPool(self.scorer.prep, self.scorer.workers, inflight=max(256, 4 * self.cfg.run.batch_tokens // 64))
+        pool = PrepPool(self.spec.prep, self.spec.workers, inflight=max(256, 4 * self.cfg.run.batch_tokens // 64))
         pending, tokens = [], 0
         if self.claims:
             self.claims.start_heartbeat(max(1.0, self.cfg.run.claim_ttl_s / 10))
@@ -155,7 +156,7 @@ class Runner:
         has work queued while the host reads results and prepares more."""
         if pending:
             t = time.perf_counter()
-            self.inflight.append((self.scorer.engine.launch([s for _, _, s in pending]), pending))
+            self.inflight.append((self.engine.launch([s for _, _, s in pending]), pending))
             self.stats.launch_s += time.perf_counter() - t
         self.settle(progress, keep=QUEUE_DEPTH)
 
@@ -163,10 +164,10 @@ class Runner:
         while len(self.inflight) > keep:
             handle, rows = self.inflight.popleft()
             t = time.perf_counter()
-            logits = handle.result()
+            readouts = handle.result()
             self.stats.wait_device_s += time.perf_counter() - t
-            for (st, i, _), row in zip(rows, logits):
-                st.logits[i] = row
+            for (st, i, _), readout in zip(rows, readouts):
+                st.readout[i] = readout
             self.finish_rows([(st, i) for st, i, _ in rows], progress)
 
     def finish_rows(self, done: list, progress: Progress) -> None:
@@ -182,8 +183,8 @@ class Runner:
     def commit(self, st: UnitState) -> None:
         table = pa.Table.from_batches(st.pieces) if st.pieces else None
         failed = np.array([e is not None for e in st.errors])
-        for name, values in yes_no_columns(st.logits).items():
-            table = table.append_column(name, pa.array(values, mask=failed))
+        for name, values in self.spec.tasks.columns(st.readout, failed).items():
+            table = table.append_column(name, values)
         table = table.append_column("error", pa.array(st.errors, pa.string()))
         try:
             self.sink.commit(st.unit.id, table, {
@@ -200,31 +201,33 @@ class Runner:
             self.claims.release(st.unit.id)
 
 
-def run(cfg: Config, restart: bool = False, shard: tuple[int, int] | None = None, stats: RunStats | None = None) -> int:
+def run(cfg: Config, restart: bool = False, shard: tuple[int, int] | None = None, stats: RunStats | None = None,
+        config_path: str = "a config built in code") -> int:
     """`po-batch run`: plan or resume, score every unclaimed unit, commit each; returns the exit code.
-    `stats`, when given, is filled in as the run goes (benchmarks read it)."""
+    `stats`, when given, is filled in as the run goes (benchmarks read it); `config_path` names the run in its log."""
     import torch
 
     device = resolved_device(cfg, torch.cuda.is_available())
     dtype = resolved_dtype(cfg, device)
-    scorer = open_scorer(cfg, device, dtype, workers_count(cfg, len(os.sched_getaffinity(0))), load=False)
-    fp = fingerprint(cfg, scorer.identity, dtype)
+    spec = open_spec(cfg, device, dtype, workers_count(cfg, len(os.sched_getaffinity(0))))
     store = open_store(cfg.output.path)
     columns = Columns(cfg.input.id_column, cfg.input.image_column, tuple(cfg.input.columns))
-    plan = load_or_create_plan(store, cfg.input.paths, cfg.run.rows_per_unit, fp, restart, columns)
+    plan = load_or_create_plan(store, cfg.input.paths, cfg.run.rows_per_unit, spec.fingerprint(), restart, columns)
     clean_orphans(store)
     drop_done_claims(store, plan.epoch)
-    runner = Runner(cfg, scorer, store, plan, shard)
+    runner = Runner(spec, None, store, plan, shard)
     if stats is not None:
         runner.stats = stats
     for path, why in plan.unreadable.items():
         print(f"po-batch: input {path} is left out: {why}", file=sys.stderr)
     todo = runner.candidates()
     if not todo:
-        print(f"nothing to do: all {len(plan.units)} units of {cfg.output.path} are done")
+        print(f"nothing to do: every unit of {cfg.output.path} is done ({plural(len(plan.units), 'unit')})")
         return EXIT_FAILED if plan.unreadable else EXIT_DONE
-    scorer.load()
-    progress = Progress(sum(u.rows for u in todo), cfg.run.log_every_s)
+    progress = Progress(len(todo), sum(u.rows for u in todo), cfg.run.log_every_s)
+    progress.announce(config_path, cfg.output.path, f"{device} ({dtype})", spec.workers)
+    runner.engine = spec.load_engine()
+    progress.begin()
     previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)}
 
     def on_signal(signum, _frame):
@@ -244,6 +247,6 @@ def run(cfg: Config, restart: bool = False, shard: tuple[int, int] | None = None
             signal.signal(s, h)
     progress.summary(runner.stats, time.time() - started, cfg.output.path, code)
     if code == EXIT_DONE and runner.left:
-        progress.note(f"{runner.left} units are claimed by other workers: they commit them, or a later run "
-                      f"takes them over")
+        progress.note(f"{plural(runner.left, 'unit')} left to the other workers that claimed them; a later run "
+                      f"takes over any they do not commit")
     return EXIT_FAILED if code == EXIT_DONE and plan.unreadable else code

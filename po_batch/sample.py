@@ -1,14 +1,35 @@
-"""One prepared (image, prompt): what the prep pool hands the engine. Plain numpy, cheap to pickle."""
+"""What prep is asked for each row (Question) and what it hands the engine (Sample). Plain numpy, cheap to pickle.
 
-from dataclasses import dataclass
+A row is a small tree of token segments: the shared prefix (chat template and image), one segment per question
+attending to the prefix, and under a question one segment per label continuation attending to both. The engine
+runs every token once and reads the hidden state only at the rows each segment asks for."""
+
+from dataclasses import dataclass, field
 
 import numpy as np
+
+NO_TARGET = -1  # a read row whose candidate logits (and log-sum-exp) are read, with no target token of its own
+
+
+@dataclass(frozen=True)
+class Question:
+    """What prep renders for one task of every row: the prompt text, and continuations scored token by token."""
+    text: str                                   # the prompt, with {column} fields
+    # (tokens fed, tokens they predict) per continuation: each fed token's row is read for its target's log-prob
+    branches: tuple[tuple[tuple[int, ...], tuple[int, ...]], ...] = field(default=())
+
+    @property
+    def reads(self) -> int:
+        """Rows read per input row: the question's last row, then every fed token of every branch."""
+        return 1 + sum(len(fed) for fed, _ in self.branches)
 
 
 @dataclass
 class Sample:
-    input_ids: np.ndarray                 # int32 (L,), image placeholder expanded to the image's token count
+    input_ids: np.ndarray                 # int32 (L,) the row's segments, concatenated, image placeholder expanded
     positions: np.ndarray                 # int32 (3, L) M-RoPE positions (t, h, w); text-only rows are equal
+    segments: np.ndarray                  # int32 (S, 3): length, parent segment (-1: none), rows read (its last)
+    targets: np.ndarray                   # int32 (R,) per read row, in order: the token whose logit is read, or -1
     patches: np.ndarray | None = None     # uint8 (h*w, 3*p*p) in merge-block order, not normalised
     grid: tuple[int, int, int] | None = None  # (t, h, w) in patches
 

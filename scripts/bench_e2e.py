@@ -24,8 +24,10 @@ def main():
     from bench_engine import VL_PROMPT
     from po_batch import pipeline
     from po_batch.config import config_from_dict
-    from po_batch.data.sink import done_units
-    from po_batch.scorer import open_scorer
+    from po_batch.data.markers import scan
+    from po_batch.data.planfile import read_plan_doc
+    from po_batch.data.store import open_store
+    from po_batch.spec import open_spec
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", type=int, default=8192)
@@ -52,21 +54,22 @@ def main():
     cores = len(os.sched_getaffinity(0))
 
     # engine only: the same rows, prepared up front
-    scorer = open_scorer(cfg, "cuda", "bfloat16", workers=0)
+    spec = open_spec(cfg, "cuda", "bfloat16", workers=0)
+    engine, prep = spec.load_engine(), spec.prep
     rows = [(benchlib.photo_jpeg(448, 448, i), {"id": i, "category": "dog"}) for i in range(64)]
-    samples = [scorer.prep(rows[i % 64]) for i in range(1024)]
+    samples = [prep(rows[i % 64]) for i in range(1024)]
     t = time.perf_counter()
     for r in rows:
-        scorer.prep(r)
+        prep(r)
     prep_ms = (time.perf_counter() - t) / len(rows) * 1000
-    scorer.engine.score(samples[:128])
+    engine.score(samples[:128])
     torch.cuda.synchronize()
     t = time.perf_counter()
-    handle = scorer.engine.launch(samples)
+    handle = engine.launch(samples)
     engine_launch_s = time.perf_counter() - t
     handle.result()
     engine_rate = len(samples) / (time.perf_counter() - t)
-    del scorer
+    del spec, engine
     torch.cuda.empty_cache()
 
     runs = {}
@@ -76,9 +79,10 @@ def main():
         stats = pipeline.RunStats()
         code = pipeline.run(cfg, restart=True, stats=stats)
         wall = time.perf_counter() - t
-        markers = sorted(done_units(cfg.output.path).values(), key=lambda m: m["finished_at"])
+        store = open_store(cfg.output.path)
+        spans = sorted(scan(store, read_plan_doc(store)["epoch"]).spans, key=lambda s: s[1])  # (start, end, rows)
         # steady state: rows committed after the first unit, over the time since the first unit committed
-        steady = sum(m["rows"] for m in markers[1:]) / (markers[-1]["finished_at"] - markers[0]["finished_at"])
+        steady = sum(n for _, _, n in spans[1:]) / (spans[-1][1] - spans[0][1])
         runs[depth] = {"exit_code": code, "e2e_wall_s": wall, "e2e_rows_per_s_including_startup": args.rows / wall,
                        "e2e_rows_per_s_steady": steady, "e2e_over_engine": steady / engine_rate,
                        "scoring_thread": {"wait_prep_s": stats.wait_prep_s, "launch_s": stats.launch_s,

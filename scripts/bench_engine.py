@@ -21,8 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchlib  # noqa: E402
 
 from po_batch.config import config_from_dict  # noqa: E402
-from po_batch.layers import attention  # noqa: E402
-from po_batch.scorer import open_scorer  # noqa: E402
+from po_batch.layers import attention, mlp  # noqa: E402
+from po_batch.spec import open_spec  # noqa: E402
 
 VL_PROMPT = "Is there a {category} anywhere in this photo? Look carefully at every part of the image, then answer yes or no."
 TEXT_PROMPT = "Query: {query}\nDocument: {doc}\nIs the document relevant to the query? Answer yes or no."
@@ -77,10 +77,9 @@ def reset_memory() -> None:
 
 
 def bench_pobatch(cfg, rows, fuse: bool | None = None, reps: int = 3, profile: bool = False) -> dict:
-    scorer = open_scorer(cfg, DEVICE, DTYPE, workers=0, load=False)
-    scorer.load(fuse=fuse)
-    samples = [scorer.prep(r) for r in rows]
-    engine = scorer.engine
+    spec = open_spec(cfg, DEVICE, DTYPE, workers=0)
+    engine = spec.load_engine(fuse=fuse)
+    samples = [spec.prep(r) for r in rows]
     t = time.perf_counter()
     engine.score(samples[:64])  # warm-up: kernels, allocator, compilation of the fused graphs
     warmup_s = time.perf_counter() - t
@@ -88,9 +87,10 @@ def bench_pobatch(cfg, rows, fuse: bool | None = None, reps: int = 3, profile: b
     reset_memory()
     best, logits = math.inf, None
     for _ in range(reps):
-        dt, logits = sync_time(lambda: engine.score(samples))
+        dt, logits = sync_time(lambda: engine.score(samples)[:, 0])
         best = min(best, dt)
-    weights = sum(p.numel() * p.element_size() for p in engine.model.parameters()) + engine.head.rows.nbytes
+    tensors = [*engine.model.parameters(), *engine.model.buffers()]  # fp8 weights are buffers
+    weights = sum(t.numel() * t.element_size() for t in tensors) + engine.head.rows.nbytes
     result = {"samples_per_s": len(samples) / best, "peak_gib": max_memory_gib(), "fused": engine.fuse,
               "weights_gib": weights / 2 ** 30, "attention": engine.attention, "batch_tokens": engine.batch_tokens,
               "warmup_s": warmup_s, "mean_tokens": float(np.mean([s.tokens for s in samples])),
@@ -99,7 +99,7 @@ def bench_pobatch(cfg, rows, fuse: bool | None = None, reps: int = 3, profile: b
         result["host_syncs_in_launch"] = count_syncs(lambda: engine.launch(samples[:128]).result())
     if profile and DEVICE == "cuda":
         result["profile"] = profile_table(lambda: engine.score(samples[:128]))
-    del scorer, engine
+    del spec, engine
     reset_memory()
     return result | {"logits": logits, "samples": samples}
 
@@ -218,6 +218,9 @@ def main():
     ap.add_argument("--eager", default="qwen3_vl_2b", help="workloads also measured without fused graphs")
     ap.add_argument("--varlen-only", default="qwen3_vl_2b", help="workloads also measured without dense attention")
     ap.add_argument("--profile", default="qwen3_vl_2b", help="workloads to profile (top device kernels)")
+    ap.add_argument("--fp8", default="qwen3_vl_2b", help="workloads also measured with model.quantization: fp8")
+    ap.add_argument("--no-epilogue", default="qwen3_vl_2b",
+                    help="workloads also measured without the cuBLASLt GELU epilogue (layers/mlp.py)")
     ap.add_argument("--cpu-smoke", action="store_true", help="a tiny model on the CPU, to check the script itself")
     args = ap.parse_args()
     global DEVICE, DTYPE
@@ -239,15 +242,33 @@ def main():
             "task": {"prompt": VL_PROMPT if vision else TEXT_PROMPT},
             "image": {"max_pixels": max_pixels}, "run": {"batch_tokens": int(budget or 16384)}})
         rows = rows_for(kind, n)
-        eager = varlen = None
+        eager = varlen = fp8 = no_epilogue = None
         if name in args.eager.split(","):  # before/after of the fused (torch.compile) graphs, same run
             eager = {k: v for k, v in bench_pobatch(cfg, rows, fuse=False).items() if k not in ("logits", "samples")}
         if name in args.varlen_only.split(","):  # before/after of the dense attention path for same-size images
             attention.DENSE_WHEN_UNIFORM = False
             varlen = {k: v for k, v in bench_pobatch(cfg, rows).items() if k not in ("logits", "samples")}
             attention.DENSE_WHEN_UNIFORM = True
+        if name in args.no_epilogue.split(","):
+            mlp.GELU_EPILOGUE = False
+            no_epilogue = {k: v for k, v in bench_pobatch(cfg, rows).items() if k not in ("logits", "samples")}
+            mlp.GELU_EPILOGUE = True
         ours = bench_pobatch(cfg, rows, profile=name in args.profile.split(","))
-        theirs = bench_hf(ckpt, rows, cfg, open_scorer(cfg, "cpu", "float32", 0, load=False).token_ids,
+        if name in args.fp8.split(","):  # the same rows with fp8 linear layers, against po-batch bf16
+            cfg8 = cfg.model_copy(update={"model": cfg.model.model_copy(update={"quantization": "fp8"})})
+            try:
+                r8 = bench_pobatch(cfg8, rows, profile=name in args.profile.split(","))
+                fp8 = {k: v for k, v in r8.items() if k not in ("logits", "samples")}
+                fp8["speedup_vs_bf16"] = r8["samples_per_s"] / ours["samples_per_s"]
+                fp8["parity_vs_pobatch_bf16"] = parity(r8["logits"], ours["logits"])
+                clear = np.abs(ours["logits"][:, 0] - ours["logits"][:, 1]) > 0.5
+                fp8["clear_margin_rows"] = int(clear.sum())
+                fp8["answer_agreement_clear_margin"] = float(
+                    benchlib.same_answer(r8["logits"][clear], ours["logits"][clear]).mean()) if clear.any() else None
+            except Exception as e:  # a failure here must not cost the rest of the run
+                fp8 = {"error": f"{type(e).__name__}: {e}"}
+            print(f"{name} fp8: {fp8}", flush=True)
+        theirs = bench_hf(ckpt, rows, cfg, open_spec(cfg, "cpu", "float32", 0).tasks.candidates,
                           (4, 8) if args.cpu_smoke else (16, 32, 64))
         cfg_json = json.loads((ckpt / "config.json").read_text())
         flops = float(np.mean([benchlib.model_flops(cfg_json, s.tokens - (s.grid[1] * s.grid[2] // 4 if s.grid else 0),
@@ -256,7 +277,7 @@ def main():
         best = theirs["by_batch"][best_b]["samples_per_s"]
         w = {"samples": n, "flops_per_sample": flops,
              "pobatch": {k: v for k, v in ours.items() if k not in ("logits", "samples")}, "pobatch_eager": eager,
-             "pobatch_varlen_only": varlen,
+             "pobatch_varlen_only": varlen, "pobatch_fp8": fp8, "pobatch_no_gelu_epilogue": no_epilogue,
              "transformers": theirs["by_batch"], "transformers_best_batch": int(best_b),
              "speedup_vs_best": ours["samples_per_s"] / best,
              "speedup_vs_b32": ours["samples_per_s"] / theirs["by_batch"]["32"]["samples_per_s"]

@@ -17,7 +17,7 @@ import benchlib  # noqa: E402
 from bench_engine import VL_PROMPT, bench_hf, rows_for  # noqa: E402
 
 from po_batch.config import config_from_dict  # noqa: E402
-from po_batch.scorer import open_scorer  # noqa: E402
+from po_batch.spec import open_spec  # noqa: E402
 
 
 def compare(x: np.ndarray, ref: np.ndarray, margin: float) -> dict:
@@ -44,10 +44,10 @@ def main():
                             "input": {"paths": ["/tmp/unused.parquet"], "columns": ["category"]},
                             "task": {"prompt": VL_PROMPT}})
     rows = rows_for("448", args.samples)
-    scorer = open_scorer(cfg, device, "bfloat16", workers=0)
-    ours = scorer.engine.score([scorer.prep(r) for r in rows])
-    ids = scorer.token_ids
-    del scorer
+    spec = open_spec(cfg, device, "bfloat16", workers=0)
+    ours = spec.load_engine().score([spec.prep(r) for r in rows])[:, 0]
+    ids = spec.tasks.candidates
+    del spec
     bench_engine.reset_memory()
     hf_bf16 = bench_hf(ckpt, rows, cfg, ids, (16,))["logits"]
     bench_engine.DTYPE = "float32"

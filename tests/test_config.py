@@ -6,7 +6,7 @@ import pytest
 from po_batch.config import (
     ConfigError,
     config_from_dict,
-    fingerprint,
+    results_fingerprint,
     load_config,
     resolved_device,
     resolved_dtype,
@@ -146,7 +146,7 @@ def test_prompt_may_use_the_id_column_and_literal_braces(tmp_path):
 
 def test_answers_must_differ_and_not_be_empty(tmp_path):
     assert error(tmp_path, BASE.replace("task:\n", "task:\n  yes: sure\n  no: sure\n")) \
-        == "task.no: must differ from task.yes (both 'sure')"
+        == "task.no: must differ from yes (both 'sure')"
     assert error(tmp_path, BASE.replace("task:\n", "task:\n  yes: ''\n")) == "task.yes: must not be empty"
 
 
@@ -195,21 +195,20 @@ def test_config_from_dict_keeps_paths_without_base_dir():
 
 
 def test_fingerprint_tracks_results_not_run_settings(tmp_path):
-    a = fingerprint(load(tmp_path, BASE), "sha-1", "bfloat16")
-    assert fingerprint(load(tmp_path, BASE + "run:\n  batch_tokens: 4096\n  workers: 3\n"), "sha-1", "bfloat16") == a
+    a = results_fingerprint(load(tmp_path, BASE))
+    assert results_fingerprint(load(tmp_path, BASE + "run:\n  batch_tokens: 4096\n  workers: 3\n")) == a
     moved = BASE.replace("out/run1", "elsewhere").replace("data/*", "moved/*")
-    assert fingerprint(load(tmp_path, moved), "sha-1", "bfloat16") == a
-    b = fingerprint(load(tmp_path, BASE.replace("Answer yes or no.", "Reply yes or no.")), "sha-1", "bfloat16")
+    assert results_fingerprint(load(tmp_path, moved)) == a
+    b = results_fingerprint(load(tmp_path, BASE.replace("Answer yes or no.", "Reply yes or no.")))
     assert b != a
     assert [k for k in a if a[k] != b[k]] == ["task.prompt"]
-    assert fingerprint(load(tmp_path, BASE), "sha-1", "float32") != a  # the resolved dtype changes results
 
 
 def test_fingerprint_is_flat_json():
     import json
     cfg = config_from_dict({"model": {"path": "m"}, "input": {"paths": ["d"]}, "task": {"prompt": "p"},
                             "output": {"path": "o"}})
-    fp = fingerprint(cfg, "id", "bfloat16")
+    fp = results_fingerprint(cfg)
     assert json.loads(json.dumps(fp)) == fp
     assert all(isinstance(v, (str, int, list, type(None))) for v in fp.values())
 

@@ -16,7 +16,7 @@ from po_batch.models.registry import open_checkpoint
 from po_batch.prep.image import prepare, smart_resize, spec_from_preprocessor_config
 from po_batch.prep.patches import to_patches
 from po_batch.prep.prompt import PromptError, answer_ids, build_template
-from po_batch.sample import Sample
+from po_batch.sample import Question, Sample
 from po_batch.tiny import build_checkpoint
 
 PROMPT = "Is there a {category} in this image? Answer yes or no."
@@ -52,7 +52,7 @@ def setup(ckpt_dir, processor):
     ckpt = open_checkpoint(str(ckpt_dir))
     spec = spec_from_preprocessor_config(json.loads((ckpt_dir / "preprocessor_config.json").read_text()))
     ids = answer_ids(processor.tokenizer, {"task.yes": "yes", "task.no": "no"})
-    template = build_template(processor.tokenizer, PROMPT, True, ckpt.config["image_token_id"])
+    template = build_template(processor.tokenizer, True, ckpt.config["image_token_id"])
     return ckpt, spec, ids, template
 
 
@@ -69,8 +69,9 @@ def test_packed_batch_matches_transformers_and_each_sample_alone(ckpt_dir, hf):
         data = jpeg(w, h, k)
         category = ["cat", "dog", "car", "tree", "house", "boat"][k]
         pixels, grid = prepare(data, spec)
-        input_ids, positions = template.encode({"category": category}, grid)
-        samples.append(Sample(input_ids, positions, to_patches(pixels, spec.patch_size, spec.merge_size), grid))
+        tokens = template.encode([Question(PROMPT)], {"category": category}, grid)
+        input_ids = tokens[0]
+        samples.append(Sample(*tokens, to_patches(pixels, spec.patch_size, spec.merge_size), grid))
 
         text = processor.apply_chat_template(
             [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": PROMPT.format(category=category)}]}],
@@ -84,14 +85,14 @@ def test_packed_batch_matches_transformers_and_each_sample_alone(ckpt_dir, hf):
 
     engine = Engine(ckpt, ids, "cpu", "float32", batch_tokens=100_000, pixel_mean=spec.image_mean,
                     pixel_std=spec.image_std)
-    packed = engine.score(samples)
+    packed = engine.score(samples)[:, 0]
     assert np.abs(ref).max() > 0.05, "the tiny model's logits are too small to tell bugs apart"
     assert np.abs(packed - ref).max() <= 1e-3
     for s, row in zip(samples, packed):
-        assert np.abs(engine.score([s])[0] - row).max() <= 1e-5
+        assert np.abs(engine.score([s])[0, 0] - row).max() <= 1e-5
     # a budget that splits the same samples over several forwards gives the same numbers, in input order
     engine.batch_tokens = 200
-    assert np.abs(engine.score(samples) - packed).max() <= 1e-5
+    assert np.abs(engine.score(samples)[:, 0] - packed).max() <= 1e-5
 
 
 def test_untied_lm_head_keeps_only_the_answer_rows(ckpt_dir, hf):
@@ -152,8 +153,8 @@ def test_sharded_checkpoint_loads_through_its_index(ckpt_dir, hf, tmp_path):
     assert len(list(sharded.glob("model-*.safetensors"))) > 1
     ckpt, spec, ids, template = setup(ckpt_dir, processor)
     pixels, grid = prepare(jpeg(96, 64, 0), spec)
-    sample = Sample(*template.encode({"category": "cat"}, grid), to_patches(pixels, spec.patch_size, spec.merge_size),
-                    grid)
+    sample = Sample(*template.encode([Question(PROMPT)], {"category": "cat"}, grid),
+                    to_patches(pixels, spec.patch_size, spec.merge_size), grid)
     args = dict(pixel_mean=spec.image_mean, pixel_std=spec.image_std)
     one = Engine(ckpt, ids, "cpu", "float32", **args).score([sample])
     many = Engine(open_checkpoint(str(sharded)), ids, "cpu", "float32", **args).score([sample])
@@ -163,7 +164,7 @@ def test_sharded_checkpoint_loads_through_its_index(ckpt_dir, hf, tmp_path):
 def test_image_settings_nested_in_processor_config_are_read(ckpt_dir, tmp_path):
     """transformers 5 saves a processor's image settings under `image_processor` in processor_config.json."""
     from po_batch.config import config_from_dict
-    from po_batch.scorer import image_spec
+    from po_batch.spec import image_spec
 
     cfg = config_from_dict({"model": {"path": str(ckpt_dir)}, "input": {"paths": ["in"]}, "task": {"prompt": "p"},
                             "output": {"path": "out"}})

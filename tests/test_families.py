@@ -16,7 +16,7 @@ from po_batch.models import loader
 from po_batch.models.registry import FAMILIES, open_checkpoint
 from po_batch.prep.patches import to_patches
 from po_batch.prep.prompt import answer_ids, build_template
-from po_batch.sample import Sample
+from po_batch.sample import Question, Sample
 from po_batch.tiny import build_checkpoint
 
 TOL = 1e-3
@@ -39,7 +39,7 @@ def vl_case(model_dir: Path):
     hf = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32).eval()
     tok, pre = proc.tokenizer, proc.image_processor
     image_token_id = hf.config.image_token_id
-    tmpl = build_template(tok, PROMPT, image=True, image_token_id=image_token_id)
+    tmpl = build_template(tok, image=True, image_token_id=image_token_id)
     ids = answer_ids(tok, ANSWERS)
     p, m = pre.patch_size, pre.merge_size
     rng = np.random.default_rng(0)
@@ -53,9 +53,9 @@ def vl_case(model_dir: Path):
             ref.append(hf(**inp).logits[0, -1, ids].numpy())
         grid = tuple(inp["image_grid_thw"][0].tolist())
         assert grid == (1, gh * m, gw * m)
-        tids, pos = tmpl.encode({"thing": thing}, grid)
-        assert tids.tolist() == inp["input_ids"][0].tolist()
-        samples.append(Sample(tids, pos, to_patches(img, p, m), grid))
+        tokens = tmpl.encode([Question(PROMPT)], {"thing": thing}, grid)
+        assert tokens[0].tolist() == inp["input_ids"][0].tolist()
+        samples.append(Sample(*tokens, to_patches(img, p, m), grid))
     return samples, np.stack(ref), ids, (pre.image_mean, pre.image_std)
 
 
@@ -64,7 +64,7 @@ def text_case(model_dir: Path):
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    tmpl = build_template(tok, PROMPT, image=False, image_token_id=None)
+    tmpl = build_template(tok, image=False, image_token_id=None)
     ids = answer_ids(tok, ANSWERS)
     samples, ref = [], []
     for thing in THINGS:
@@ -72,9 +72,9 @@ def text_case(model_dir: Path):
         hf_ids = tok(tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)).input_ids
         with torch.no_grad():
             ref.append(hf(input_ids=torch.tensor([hf_ids])).logits[0, -1, ids].numpy())
-        tids, pos = tmpl.encode({"thing": thing})
-        assert tids.tolist() == hf_ids
-        samples.append(Sample(tids, pos))
+        tokens = tmpl.encode([Question(PROMPT)], {"thing": thing})
+        assert tokens[0].tolist() == hf_ids
+        samples.append(Sample(*tokens))
     assert len({s.tokens for s in samples}) > 2  # mixed prompt lengths
     return samples, np.stack(ref), ids, (None, None)
 
@@ -91,7 +91,7 @@ def case(request, tmp_path_factory):
 def test_packed_batch_matches_transformers(case):
     family, engine, samples, ref = case
     assert len(pack(samples, engine.batch_tokens)) == 1  # all samples in one packed forward
-    got = engine.score(samples)
+    got = engine.score(samples)[:, 0]
     assert np.abs(got - ref).max() <= TOL, f"{family}: max |Δ logit| {np.abs(got - ref).max():.2e}"
 
 

@@ -23,7 +23,7 @@ import pytest
 from PIL import Image, ImageDraw
 
 from po_batch.config import load_config
-from po_batch.scorer import open_scorer
+from po_batch.spec import open_spec
 
 pytestmark = pytest.mark.slow
 
@@ -179,10 +179,10 @@ def output(out: Path) -> pa.Table:
 
 
 def summary(stderr: str) -> tuple[int, int]:
-    """(rows, units) from the run's closing summary."""
-    m = re.search(r"rows scored\s+(\d+) in (\d+) units", stderr)
+    """(rows, units) from the run's closing summary; rows count row errors too."""
+    m = re.search(r"(\d+) units? committed, .*; (\d+) rows? scored, (\d+) row errors?", stderr)
     assert m, stderr
-    return int(m[1]), int(m[2])
+    return int(m[2]) + int(m[3]), int(m[1])
 
 
 def owner_pid(marker: dict) -> int:
@@ -267,9 +267,9 @@ def test_run_scores_good_rows_like_the_engine_and_records_bad_rows(corpus, clean
     assert "no image" in got["b-012"]["error"]
 
     good = [rid for rid, want in rows.items() if not want["kind"]]
-    scorer = open_scorer(load_config(cfg), "cpu", "float32", workers=0)
-    samples = [scorer.prep((rows[rid]["image"], {"id": rid, "category": rows[rid]["category"]})) for rid in good]
-    ref = scorer.engine.score(samples)
+    spec = open_spec(load_config(cfg), "cpu", "float32", workers=0)
+    samples = [spec.prep((rows[rid]["image"], {"id": rid, "category": rows[rid]["category"]})) for rid in good]
+    ref = spec.load_engine().score(samples)[:, 0]
     yes = np.array([got[rid]["yes_logit"] for rid in good])
     no = np.array([got[rid]["no_logit"] for rid in good])
     np.testing.assert_allclose(yes, ref[:, 0], rtol=0, atol=1e-5)

@@ -14,9 +14,9 @@ from rich.console import Console
 
 from po_batch import pipeline
 from po_batch.config import config_from_dict
-from po_batch.scorer import open_scorer
+from po_batch.spec import open_spec
 from po_batch.tiny import build_checkpoint
-from po_batch.verify import first_rows, reference, verify
+from po_batch.verify import Transformers, first_rows, verify
 
 FAMILIES = ["qwen3_vl", "qwen2_vl", "qwen2_5_vl", "qwen3", "qwen2"]
 
@@ -67,12 +67,14 @@ def test_run_output_equals_transformers(setup):
     assert pipeline.run(cfg) == 0
     out = ds.dataset(cfg.output.path).to_table().sort_by("id").to_pylist()
     assert [r["id"] for r in out] == [f"r{i}" for i in range(7)]
-    scorer = open_scorer(cfg, "cpu", "float32", workers=0, load=False)
-    theirs = reference(scorer, first_rows(cfg, 7))
-    for row, ref in zip(out, theirs):
-        if ref is None:  # the planted bad image
+    spec = open_spec(cfg, "cpu", "float32", workers=0)
+    oracle, (task,) = Transformers(spec), spec.tasks.tasks.values()
+    for row, (image, fields) in zip(out, first_rows(cfg, 7)):
+        if image == b"not an image":  # the planted bad image
             assert row["error"].startswith("not_image") and row["p_yes"] is None
             continue
+        oracle.image = Image.open(io.BytesIO(image)).convert("RGB") if image else None
+        ref = task.reference(oracle, task.question.text.format(**fields))
         assert row["error"] is None
         assert abs(row["yes_logit"] - ref[0]) <= 1e-3 and abs(row["no_logit"] - ref[1]) <= 1e-3, (family, row, ref)
 

@@ -1,5 +1,8 @@
-"""Packing samples into padding-free batches by a token budget, and moving one batch to the device."""
+"""The batch description: samples packed into one token stream without padding, by a token budget. Each sample is a
+tree of segments (a shared prefix, questions, label continuations); every token runs once, each segment attends to
+its ancestors' keys and its own, and the last layer runs only at the rows the tasks read."""
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -13,12 +16,12 @@ from po_batch.sample import Sample
 class Batch:
     input_ids: torch.Tensor          # (T,) the packed token stream
     positions: torch.Tensor          # (3, T)
-    last: torch.Tensor               # (B,) row of each sequence's last token
+    reads: torch.Tensor              # (R,) rows whose hidden state the head reads, in sample order
+    targets: torch.Tensor            # (R,) each read row's target token, or -1
     visual: torch.Tensor | None      # (n_image_tokens,) rows holding image tokens, in image order
     patches: torch.Tensor | None     # (n_patches, 3*p*p) uint8
     grids: torch.Tensor | None       # (n_images, 3)
     context: Context
-    grid_list: list[tuple[int, int, int]] | None = None  # the grids on the host (Qwen2.5-VL's window lengths)
 
 
 def pack(samples: list[Sample], budget: int) -> list[list[int]]:
@@ -44,24 +47,60 @@ def put_concat(arrays: list[np.ndarray], device: torch.device) -> torch.Tensor:
     return host.to(device, non_blocking=True)
 
 
-def make_batch(samples: list[Sample], image_token_id: int | None, device: torch.device) -> Batch:
-    """Concatenate on the host, then one copy per tensor (from pinned memory on CUDA, without blocking)."""
+def attention_plan(samples: list[Sample], device) -> tuple[Varlen, Varlen, np.ndarray]:
+    """(causal attention over every segment, the last layer's attention from the read rows, the read rows).
+    Without shared prefixes each segment is a plain sequence and no keys are gathered."""
+    lens = np.concatenate([s.segments[:, 0] for s in samples])
+    reads = np.concatenate([s.segments[:, 2] for s in samples])
+    ends = np.cumsum(lens)
+    rows = np.concatenate([np.arange(e - r, e) for e, r in zip(ends, reads)])
+    if all((s.segments[:, 1] < 0).all() for s in samples) and reads.all():
+        lens = lens.tolist()
+        return Varlen.from_lens(lens, device), Varlen.from_lens(lens, device, reads.tolist()), rows
+    keys, first = [], 0  # each segment's key rows: its ancestors' rows, then its own
+    for s in samples:
+        chains = []
+        for n, parent, _ in s.segments:
+            chain = [] if parent < 0 else list(chains[parent])
+            chains.append(chain + [np.arange(first, first + n)])
+            first += n
+        keys += [np.concatenate(c) for c in chains]
+    key_lens = [len(k) for k in keys]
+    text = Varlen.from_lens(key_lens, device, lens.tolist(), _rows(keys, device))
+    read = [i for i, r in enumerate(reads) if r]
+    last = Varlen.from_lens([key_lens[i] for i in read], device, reads[read].tolist(),
+                            _rows([keys[i] for i in read], device))
+    return text, last, rows
+
+
+def _rows(keys: list[np.ndarray], device) -> torch.Tensor:
+    return to_device(torch.from_numpy(np.concatenate(keys)), device)
+
+
+def make_batch(samples: list[Sample], image_token_id: int | None, device: torch.device,
+               window_lens: Callable[[list[tuple[int, int, int]]], list[int] | None] | None = None) -> Batch:
+    """Concatenate on the host, then one copy per tensor (from pinned memory on CUDA, without blocking).
+    `window_lens` is the family's windowed-attention layout of the images (Qwen2.5-VL), computed here, before the
+    forward, so that no model writes the batch's metadata."""
     def put(a: np.ndarray, dtype=None) -> torch.Tensor:
         t = torch.from_numpy(a)
         return to_device(t if dtype is None else t.to(dtype), device)
 
-    lens = [s.tokens for s in samples]
     ids = np.concatenate([s.input_ids for s in samples])
-    ctx = Context(text=Varlen.from_lens(lens, device), last=Varlen.from_lens(lens, device, [1] * len(lens)))
+    text, last, rows = attention_plan(samples, device)
+    ctx = Context(text=text, reads=last)
     images = [s for s in samples if s.patches is not None]
-    visual = patches = grids = grid_list = None
+    visual = patches = grids = None
     if images:
         grid_list = [s.grid for s in images]
         ctx.vision = Varlen.from_lens([t * h * w for t, h, w in grid_list], device)
+        windows = window_lens(grid_list) if window_lens else None
+        if windows is not None:
+            ctx.window = Varlen.from_lens(windows, device)
         patches = put_concat([s.patches for s in images], device)
         grids = put(np.array(grid_list, dtype=np.int64))
         visual = put(np.flatnonzero(ids == image_token_id))
-    return Batch(input_ids=put(ids, torch.long), positions=put(np.concatenate([s.positions for s in samples], 1),
-                                                               torch.long),
-                 last=put(np.cumsum(lens) - 1), visual=visual, patches=patches, grids=grids, context=ctx,
-                 grid_list=grid_list)
+    return Batch(input_ids=put(ids, torch.long),
+                 positions=put(np.concatenate([s.positions for s in samples], 1), torch.long),
+                 reads=put(rows), targets=put(np.concatenate([s.targets for s in samples]), torch.long),
+                 visual=visual, patches=patches, grids=grids, context=ctx)

@@ -48,7 +48,10 @@ DENSE_WHEN_UNIFORM = True
 
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: Varlen, causal: bool) -> torch.Tensor:
     """q: (Tq, Hq, D), k/v: (Tk, Hkv, D) -> (Tq, Hq, D). Causal masks align to the end of each key sequence,
-    so a sequence whose queries are only its last positions sees all of its keys up to each query."""
+    so a sequence whose queries are only its last positions (or whose keys begin with a shared prefix's) sees all
+    of its keys up to each query."""
+    if meta.key_rows is not None:
+        k, v = k[meta.key_rows], v[meta.key_rows]
     kind = backend(q.device)
     if kind != "sdpa" and DENSE_WHEN_UNIFORM and not causal and meta.uniform:
         return _dense(q, k, v, meta.uniform)

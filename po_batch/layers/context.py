@@ -7,13 +7,16 @@ import torch
 
 @dataclass
 class Varlen:
-    """Packed sequences: queries of sequence i are rows cu_q[i]:cu_q[i+1], its keys cu_k[i]:cu_k[i+1]."""
+    """Packed sequences: queries of sequence i are rows cu_q[i]:cu_q[i+1], its keys cu_k[i]:cu_k[i+1]. With
+    `key_rows`, the keys are gathered first (k[key_rows]): sequences that share a prefix each list its rows among
+    their keys, so a question's tokens attend to the image's keys without a copy of the image's tokens."""
     cu_q: torch.Tensor
     cu_k: torch.Tensor
     max_q: int
     max_k: int
     lens_q: list[int]
     lens_k: list[int]
+    key_rows: torch.Tensor | None = None
 
     @property
     def uniform(self) -> int | None:
@@ -23,12 +26,14 @@ class Varlen:
         return None
 
     @classmethod
-    def from_lens(cls, lens_k: list[int], device, lens_q: list[int] | None = None) -> "Varlen":
+    def from_lens(cls, lens_k: list[int], device, lens_q: list[int] | None = None,
+                  key_rows: torch.Tensor | None = None) -> "Varlen":
         """From per-sequence key lengths (and query lengths, when they differ: queries are the last ones)."""
         cu_k = _cu(lens_k, device)
         if lens_q is None:
-            return cls(cu_k, cu_k, max(lens_k, default=0), max(lens_k, default=0), lens_k, lens_k)
-        return cls(_cu(lens_q, device), cu_k, max(lens_q, default=0), max(lens_k, default=0), lens_q, lens_k)
+            return cls(cu_k, cu_k, max(lens_k, default=0), max(lens_k, default=0), lens_k, lens_k, key_rows)
+        return cls(_cu(lens_q, device), cu_k, max(lens_q, default=0), max(lens_k, default=0), lens_q, lens_k,
+                   key_rows)
 
 
 def _cu(lens: list[int], device) -> torch.Tensor:
@@ -47,7 +52,7 @@ def to_device(t: torch.Tensor, device) -> torch.Tensor:
 @dataclass
 class Context:
     text: Varlen | None = None     # causal attention over each packed text sequence
-    last: Varlen | None = None     # one query (the last position) per sequence against all its keys
+    reads: Varlen | None = None    # the last layer: only the rows read, each against all its keys up to it
     vision: Varlen | None = None   # full attention within each image
     window: Varlen | None = None   # Qwen2.5-VL window attention within each window
 

@@ -4,6 +4,7 @@ A fused layer's `load_shard(param, tensor, shard)` copies one checkpoint tensor 
 declares which checkpoint names map to which shard (see models/loader.py)."""
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -20,3 +21,7 @@ class MergedLinear(nn.Linear):
         if dst.shape != tensor.shape:
             raise ValueError(f"expected shape {tuple(dst.shape)}, checkpoint has {tuple(tensor.shape)}")
         dst.copy_(tensor)
+
+    def part(self, x: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+        """Output columns lo:hi alone (the last layer's queries at the read rows, its keys and values at all)."""
+        return F.linear(x, self.weight[lo:hi], None if self.bias is None else self.bias[lo:hi])

@@ -5,6 +5,7 @@ Every checkpoint tensor must land in a parameter of the same shape and every par
 
 import hashlib
 import json
+import os
 import re
 from pathlib import Path
 
@@ -59,16 +60,48 @@ def weight_files(model_dir: Path) -> list[Path]:
 
 
 def identity(model_dir: Path) -> str:
-    """A fingerprint of the weights that survives copying: config, tensor headers and sampled content."""
+    """A fingerprint of the checkpoint that survives copying: config.json and every byte of every weight file.
+    Each file's digest is computed once and cached by (path, size, mtime) in the user's cache folder."""
     h = hashlib.sha256((model_dir / "config.json").read_bytes())
+    cache = _DigestCache()
     for f in weight_files(model_dir):
-        size = f.stat().st_size
-        h.update(f"{f.name}:{size}".encode())
-        with open(f, "rb") as fh:
-            for i in range(17):
-                fh.seek(size * i // 17)
-                h.update(fh.read(1 << 16))
+        h.update(f"{f.name}:{cache.digest(f)}".encode())
+    cache.save()
     return h.hexdigest()[:16]
+
+
+class _DigestCache:
+    """blake2b digests of weight files, keyed by resolved path, size and mtime; a cache that cannot be read or
+    written is simply not used."""
+
+    def __init__(self):
+        root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+        self.path = root / "po-batch" / "weight-digests.json"
+        try:
+            self.entries = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            self.entries = {}
+        self.changed = False
+
+    def digest(self, f: Path) -> str:
+        st = f.stat()
+        key = f"{f.resolve()}:{st.st_size}:{st.st_mtime_ns}"
+        if key not in self.entries:
+            with open(f, "rb") as fh:
+                self.entries[key] = hashlib.file_digest(fh, "blake2b").hexdigest()[:32]
+            self.changed = True
+        return self.entries[key]
+
+    def save(self) -> None:
+        if not self.changed:
+            return
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(self.entries))
+            os.replace(tmp, self.path)
+        except OSError:
+            pass
 
 
 def load_weights(model: nn.Module, model_dir: Path, renames: list[tuple[str, str]], packed: dict,

@@ -9,7 +9,6 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from po_batch.layers.context import Varlen, get_context
 from po_batch.layers.mlp import GatedMLP
 from po_batch.models.qwen2_vl import Qwen2VL
 from po_batch.models.vision import Merger, PatchEmbed, VisionBlock, patch_coords, rope_tables, vision_rope_theta
@@ -91,7 +90,7 @@ class VisionModel(nn.Module):
         self.merger = Merger(dim, cfg.spatial_merge_size, cfg.out_hidden_size, rms=True)
 
     def forward(self, patches: torch.Tensor, grids: torch.Tensor) -> torch.Tensor:
-        """Expects get_context().window to hold the window lengths (Qwen2_5_VL.forward sets them)."""
+        """Expects get_context().window to hold the window lengths (the batch holds Qwen2_5_VL.window_lens)."""
         cfg = self.cfg
         unit = cfg.spatial_merge_size ** 2
         n = patches.shape[0] // unit
@@ -111,9 +110,6 @@ class VisionModel(nn.Module):
 class Qwen2_5_VL(Qwen2VL):
     vision_config, vision_model = VisionConfig, VisionModel
 
-    def forward(self, batch) -> torch.Tensor:
-        if batch.patches is not None:
-            cfg = self.model.visual.cfg
-            lens = window_lens(batch.grid_list, cfg.spatial_merge_size, cfg.window_side)
-            get_context().window = Varlen.from_lens(lens, batch.patches.device)
-        return super().forward(batch)
+    def window_lens(self, grids: list[tuple[int, int, int]]) -> list[int]:
+        cfg = self.model.visual.cfg
+        return window_lens(grids, cfg.spatial_merge_size, cfg.window_side)

@@ -82,5 +82,5 @@ class Qwen2VL(VisionLanguageModel):
         lm = self.model.language_model
         x = lm.embed_tokens(batch.input_ids)
         if batch.patches is not None:
-            x = x.index_copy(0, batch.visual, self.model.visual(batch.patches, batch.grids).to(x.dtype))
-        return lm(x, batch.positions, batch.last)
+            x.index_copy_(0, batch.visual, self.model.visual(batch.patches, batch.grids).to(x.dtype))
+        return lm(x, batch.positions, batch.reads)

@@ -103,5 +103,5 @@ class Qwen3VL(VisionLanguageModel):
         deepstack = None
         if batch.patches is not None:
             image, deepstack = self.model.visual(batch.patches, batch.grids)
-            x = x.index_copy(0, batch.visual, image.to(x.dtype))
-        return lm(x, batch.positions, batch.last, deepstack, batch.visual)
+            x.index_copy_(0, batch.visual, image.to(x.dtype))
+        return lm(x, batch.positions, batch.reads, deepstack, batch.visual)

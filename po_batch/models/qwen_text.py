@@ -6,7 +6,6 @@ projection and the MLP for the last position of each sequence alone, and the fin
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from po_batch.layers.attention import varlen_attention
@@ -73,17 +72,16 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
         self.qk_norm = cfg.qk_norm
 
-    def project(self, x, cos, sin, last: torch.Tensor | None = None):
-        """Queries, keys and values, normed and rotated. With `last` (each sequence's last row), queries are
+    def project(self, x, cos, sin, reads: torch.Tensor | None = None):
+        """Queries, keys and values, normed and rotated. With `reads` (the rows the task reads), queries are
         computed for those rows only; keys and values always for every row."""
-        w, b = self.qkv_proj.weight, self.qkv_proj.bias
-        if last is None:
+        if reads is None:
             q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
             qcos, qsin = cos, sin
         else:
-            q = F.linear(x[last], w[: self.q_size], None if b is None else b[: self.q_size])
-            k, v = F.linear(x, w[self.q_size:], None if b is None else b[self.q_size:]).split(self.kv_size, dim=-1)
-            qcos, qsin = cos[last], sin[last]
+            q = self.qkv_proj.part(x[reads], 0, self.q_size)
+            k, v = self.qkv_proj.part(x, self.q_size, self.q_size + 2 * self.kv_size).split(self.kv_size, dim=-1)
+            qcos, qsin = cos[reads], sin[reads]
         q = q.view(-1, self.heads, self.head_dim)
         k = k.view(-1, self.kv_heads, self.head_dim)
         v = v.view(-1, self.kv_heads, self.head_dim)
@@ -103,22 +101,22 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def attn_in(self, x, cos, sin, last: torch.Tensor | None = None):
-        return self.self_attn.project(self.input_layernorm(x), cos, sin, last)
+    def attn_in(self, x, cos, sin, reads: torch.Tensor | None = None):
+        return self.self_attn.project(self.input_layernorm(x), cos, sin, reads)
 
     def attn_out(self, x, o):
         x = x + self.self_attn.o_proj(o.flatten(1))
         return x + self.mlp(self.post_attention_layernorm(x))
 
-    def forward(self, x, cos, sin, last: torch.Tensor | None = None):
+    def forward(self, x, cos, sin, reads: torch.Tensor | None = None):
         ctx = get_context()
-        q, k, v = FUSED.call(self.attn_in, x, cos, sin, last)
-        o = varlen_attention(q, k, v, ctx.text if last is None else ctx.last, causal=True)
-        return FUSED.call(self.attn_out, x if last is None else x[last], o)
+        q, k, v = FUSED.call(self.attn_in, x, cos, sin, reads)
+        o = varlen_attention(q, k, v, ctx.text if reads is None else ctx.reads, causal=True)
+        return FUSED.call(self.attn_out, x if reads is None else x[reads], o)
 
 
 class Decoder(nn.Module):
-    """Embeddings, layers and final norm; `forward` returns the normed hidden state at each sequence's last token."""
+    """Embeddings, layers and final norm; `forward` returns the normed hidden state at the rows the tasks read."""
 
     def __init__(self, cfg: TextConfig):
         super().__init__()
@@ -140,18 +138,18 @@ class Decoder(nn.Module):
             self.axes = mrope_axes(cfg.head_dim, cfg.mrope_section, cfg.mrope_interleaved).to(positions.device)
         return mrope_cos_sin(positions, freqs, self.axes, dtype)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, last: torch.Tensor,
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, reads: torch.Tensor,
                 deepstack: list[torch.Tensor] | None = None, visual: torch.Tensor | None = None):
-        """x: (T, hidden) input embeddings; positions: (3, T) or (T,); last: (B,) row of each sequence's last token.
+        """x: (T, hidden) input embeddings; positions: (3, T) or (T,); reads: (R,) the rows to return.
         deepstack[i] is added to the rows `visual` after layer i (Qwen3-VL)."""
         cos, sin = self.rope(positions, x.dtype)
         *body, tail = self.layers
         for i, layer in enumerate(body):
             x = layer(x, cos, sin)
             if deepstack and i < len(deepstack):
-                x = x.index_add(0, visual, deepstack[i])
-        # Deepstack features after the last layer would only touch image rows, never a last token.
-        return self.norm(tail(x, cos, sin, last))
+                x.index_add_(0, visual, deepstack[i])  # x is this forward's own tensor: no copy of it
+        # Deepstack features after the last layer would only touch image rows, never a row that is read.
+        return self.norm(tail(x, cos, sin, reads))
 
 
 class QwenTextLM(nn.Module):
@@ -177,4 +175,4 @@ class QwenTextLM(nn.Module):
 
     def forward(self, batch) -> torch.Tensor:
         x = self.model.embed_tokens(batch.input_ids)
-        return self.model(x, batch.positions, batch.last)
+        return self.model(x, batch.positions, batch.reads)

@@ -135,6 +135,10 @@ class VisionLanguageModel(nn.Module):
     def embeddings(self) -> nn.Embedding:
         return self.model.language_model.embed_tokens
 
+    def window_lens(self, grids: list[tuple[int, int, int]]) -> list[int] | None:
+        """Patches per attention window of the images, for towers that attend within windows (none here)."""
+        return None
+
     def fold_pixels(self, mean, std) -> None:
         self.model.visual.patch_embed.fold(mean, std)
 

@@ -1,21 +1,17 @@
-"""The CPU prep pool: worker processes turn rows into Samples, or into row errors, in order and with a bound on
+"""The CPU prep pool: worker processes apply a picklable function (a Prep) to rows, in order and with a bound on
 how many rows are in flight, so reading never runs far ahead of the engine."""
 
 import multiprocessing as mp
 import signal
 import threading
+from collections.abc import Callable, Iterable, Iterator
 from multiprocessing.connection import wait
-from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-
-from po_batch.prep.image import ImageError, ImageSpec, prepare, read_path
-from po_batch.prep.patches import to_patches
-from po_batch.prep.prompt import PromptTemplate
-from po_batch.sample import Sample
 
 
 @dataclass
 class RowError:
+    """A row that could not be prepared: `kind: message` lands in the output's error column."""
     kind: str
     message: str
 
@@ -23,34 +19,10 @@ class RowError:
         return f"{self.kind}: {self.message}"
 
 
-@dataclass
-class Prep:
-    """What a worker needs, sent to it once."""
-    template: PromptTemplate
-    spec: ImageSpec | None       # None for text-only models
-
-    def __call__(self, row: tuple[object, dict]) -> Sample | RowError:
-        """row: (image bytes, a path or None; the prompt's fields)."""
-        image, fields = row
-        try:
-            if self.spec is None:
-                return Sample(*self.template.encode(fields))
-            if image is None:
-                raise ImageError("the row has no image", "missing")
-            data = read_path(image) if isinstance(image, str) else image
-            pixels, grid = prepare(data, self.spec)
-            ids, pos = self.template.encode(fields, grid)
-            return Sample(ids, pos, to_patches(pixels, self.spec.patch_size, self.spec.merge_size), grid)
-        except ImageError as e:
-            return RowError(e.kind, str(e))
-        except Exception as e:  # a bad row is data: whatever broke, it stays with the row
-            return RowError("prep", f"{type(e).__name__}: {e}")
-
-
 WORKER_DIED = "a prep worker process died (killed, or out of memory)"
 
 
-def _worker(conn, prep: Prep) -> None:
+def _worker(conn, prep: Callable) -> None:
     # Signals are the parent's to handle: Ctrl-C, scancel and Slurm's USR1 reach the whole process group, and a
     # worker dying mid-task would lose its rows. The parent finishes, then closes the pipe (or kills us).
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
@@ -70,7 +42,7 @@ class PrepPool:
 
     PER_WORKER = 4  # rows queued on one worker: enough to hide the pipe's latency, few enough to balance load
 
-    def __init__(self, prep: Prep, workers: int, inflight: int = 512):
+    def __init__(self, prep: Callable, workers: int, inflight: int = 512):
         self.prep, self.inflight = prep, inflight
         self.closing = False
         # spawn: the parent holds threads and maybe a CUDA context, neither of which survives fork safely
@@ -86,7 +58,7 @@ class PrepPool:
         self.busy = [0] * workers
         self.cond = threading.Condition()
 
-    def map(self, items: Iterable[tuple[object, tuple]]) -> Iterator[tuple[object, Sample | RowError]]:
+    def map(self, items: Iterable[tuple[object, tuple]]) -> Iterator[tuple[object, object]]:
         """items: (key, row) pairs; yields (key, result) in the same order. The input iterable is consumed in the
         reader thread, at most `inflight` rows ahead of what the caller has taken; its exceptions reach the caller."""
         if not self.conns:

@@ -4,6 +4,9 @@ only the row's text, expand the image placeholder to the image's token count and
 from dataclasses import dataclass
 
 import numpy as np
+from tokenizers import Tokenizer
+
+from po_batch.sample import NO_TARGET, Question
 
 SENTINEL = "\x00po-batch-prompt\x00"
 
@@ -15,25 +18,44 @@ class PromptError(Exception):
 @dataclass
 class PromptTemplate:
     """Picklable: sent once to each prep worker, which needs only the `tokenizers` library."""
-    tokenizer: object        # tokenizers.Tokenizer
+    tokenizer: object        # tokenizers.Tokenizer for the rows' text: special tokens in it are text, never control
     prefix: list[int]        # chat template up to the user's text (holding one image placeholder for VL models)
     suffix: list[int]        # from the end of the user's text to the assistant's turn
-    text: str                # task.prompt, with {column} fields
+    after: str               # the suffix as text (labels are tokenized in this context)
     image_token_id: int | None
     merge: int = 2
 
-    def encode(self, fields: dict, grid: tuple[int, int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Token ids (int32, L) and positions (int32, 3 x L) for one row."""
-        text = self.tokenizer.encode(self.text.format(**fields), add_special_tokens=False).ids
-        if grid is None:
-            ids = np.array(self.prefix + text + self.suffix, dtype=np.int32)
-            return ids, np.broadcast_to(np.arange(len(ids), dtype=np.int32), (3, len(ids))).copy()
-        at = self.prefix.index(self.image_token_id)
-        gh, gw = grid[1] // self.merge, grid[2] // self.merge
-        n = gh * gw
-        ids = np.array(self.prefix[:at] + [self.image_token_id] * n + self.prefix[at + 1:] + text + self.suffix,
-                       dtype=np.int32)
-        return ids, mrope_positions(len(ids), at, gh, gw)
+    def encode(self, questions: list[Question], fields: dict, grid: tuple[int, int, int] | None = None):
+        """One row as a Sample's token fields: (ids (L,), positions (3, L), segments (S, 3), targets (R,)).
+        The prefix is shared by the questions; with a single question it is one segment with it."""
+        head = self.prefix
+        if grid is not None:
+            at = self.prefix.index(self.image_token_id)
+            gh, gw = grid[1] // self.merge, grid[2] // self.merge
+            head = self.prefix[:at] + [self.image_token_id] * (gh * gw) + self.prefix[at + 1:]
+            head_pos = mrope_positions(len(head), at, gh, gw)
+        else:
+            head_pos = np.broadcast_to(np.arange(len(head), dtype=np.int32), (3, len(head)))
+        values = {k: "" if v is None else v for k, v in fields.items()}  # a null renders as empty text
+        segs = [(head, head_pos, -1, [])]  # (ids, positions, parent, targets of the rows read: the last ones)
+        for q in questions:
+            text = self.tokenizer.encode(q.text.format_map(values), add_special_tokens=False).ids
+            at = len(segs)
+            segs.append(_child(segs, 0, text + self.suffix, [NO_TARGET]))
+            segs += [_child(segs, at, list(fed), list(tgt)) for fed, tgt in q.branches]
+        if len(questions) == 1:  # nothing shares the prefix: one sequence, as a plain forward runs it
+            (ids, pos, _, _), (q_ids, q_pos, _, q_targets) = segs[:2]
+            segs = [(ids + q_ids, np.concatenate([pos, q_pos], 1), -1, q_targets)] + [
+                (i, p, parent - 1, t) for i, p, parent, t in segs[2:]]
+        return (np.array([t for s in segs for t in s[0]], dtype=np.int32), np.concatenate([s[1] for s in segs], 1),
+                np.array([(len(s[0]), s[2], len(s[3])) for s in segs], dtype=np.int32).reshape(-1, 3),
+                np.array([t for s in segs for t in s[3]], dtype=np.int32))
+
+
+def _child(segs: list, parent: int, ids: list[int], targets: list[int]) -> tuple:
+    """A segment under `parent`: its positions continue from the parent's highest (the tree's text runs on)."""
+    start = int(segs[parent][1].max()) + 1 if segs[parent][1].size else 0
+    return ids, np.broadcast_to(np.arange(start, start + len(ids), dtype=np.int32), (3, len(ids))), parent, targets
 
 
 def mrope_positions(length: int, start: int, gh: int, gw: int) -> np.ndarray:
@@ -51,7 +73,7 @@ def mrope_positions(length: int, start: int, gh: int, gw: int) -> np.ndarray:
     return pos
 
 
-def build_template(tokenizer, prompt: str, image: bool, image_token_id: int | None, merge: int = 2) -> PromptTemplate:
+def build_template(tokenizer, image: bool, image_token_id: int | None, merge: int = 2) -> PromptTemplate:
     """`tokenizer` is the checkpoint's transformers tokenizer, with its chat template."""
     def render(text: str) -> str:
         content = [{"type": "image"}, {"type": "text", "text": text}] if image else text
@@ -68,14 +90,25 @@ def build_template(tokenizer, prompt: str, image: bool, image_token_id: int | No
     if render(probe) != before + probe + after:
         raise PromptError("the chat template rewrites the user's text; po-batch cannot reuse its rendering")
     backend = tokenizer.backend_tokenizer
-    enc = lambda s: backend.encode(s, add_special_tokens=False).ids
+    enc = lambda s: backend.encode(s, add_special_tokens=False).ids  # noqa: E731
     prefix, suffix = enc(before), enc(after)
     if image and prefix.count(image_token_id) != 1:
         raise PromptError(f"the chat template renders {prefix.count(image_token_id)} image placeholders "
                           f"(token id {image_token_id}); expected exactly one")
     if tokenizer(before + probe + after).input_ids != prefix + enc(probe) + suffix:
         raise PromptError("tokenizing the prompt's parts separately differs from tokenizing it whole")
-    return PromptTemplate(backend, prefix, suffix, prompt, image_token_id if image else None, merge)
+    text = Tokenizer.from_str(backend.to_str())
+    text.encode_special_tokens = True  # a row's "<|image_pad|>" is seven characters, not an image slot
+    return PromptTemplate(text, prefix, suffix, after, image_token_id if image else None, merge)
+
+
+def in_context(template: PromptTemplate, backend, word: str) -> list[int]:
+    """The tokens of `word` where an answer stands: right after the assistant's header, as the template renders
+    it (a word can tokenize differently alone). `backend` is the checkpoint's tokenizers.Tokenizer."""
+    ids = backend.encode(template.after + word, add_special_tokens=False).ids
+    if ids[:len(template.suffix)] != template.suffix:
+        raise PromptError(f"{word!r} merges with the end of the chat template's assistant header when tokenized")
+    return ids[len(template.suffix):]
 
 
 def answer_ids(tokenizer, answers: dict[str, str]) -> list[int]:

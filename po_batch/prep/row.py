@@ -1,0 +1,39 @@
+"""One row's prep, run in the pool's workers: decode and resize the image, render and tokenize each question, and
+hand back a Sample, or the row's error."""
+
+from dataclasses import dataclass
+
+from po_batch.prep.image import ImageError, ImageSpec, prepare, read_path
+from po_batch.prep.patches import to_patches
+from po_batch.prep.pool import RowError
+from po_batch.prep.prompt import PromptTemplate
+from po_batch.sample import Question, Sample
+
+
+@dataclass
+class Prep:
+    """What a worker needs, sent to it once."""
+    template: PromptTemplate
+    questions: list[Question]
+    spec: ImageSpec | None       # None for text-only models
+    max_tokens: int              # run.batch_tokens: a longer row could never be packed
+
+    def __call__(self, row: tuple[object, dict]) -> Sample | RowError:
+        """row: (image bytes, a path or None; the prompt's fields)."""
+        image, fields = row
+        try:
+            patches = grid = None
+            if self.spec is not None:
+                if image is None:
+                    raise ImageError("the row has no image", "missing")
+                pixels, grid = prepare(read_path(image) if isinstance(image, str) else image, self.spec)
+                patches = to_patches(pixels, self.spec.patch_size, self.spec.merge_size)
+            sample = Sample(*self.template.encode(self.questions, fields, grid), patches, grid)
+        except ImageError as e:
+            return RowError(e.kind, str(e))
+        except Exception as e:  # a bad row is data: whatever broke, it stays with the row
+            return RowError("prep", f"{type(e).__name__}: {e}")
+        if sample.tokens > self.max_tokens:
+            return RowError("too_long", f"the row is {sample.tokens} tokens, over run.batch_tokens "
+                                        f"({self.max_tokens}); raise it or lower image.max_pixels")
+        return sample

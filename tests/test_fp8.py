@@ -1,0 +1,92 @@
+"""model.quantization: fp8 on the CPU (torch._scaled_mm's rowwise path exists there too): the quantization is
+within e4m3's rounding, every linear layer but the readout is replaced, and the scores stay close to the model's
+dtype; on a GPU the same code runs in bf16 (scripts/bench_engine.py measures it)."""
+
+import io
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+from rich.console import Console
+from torch import nn
+
+from po_batch.config import config_from_dict
+from po_batch.layers.fp8 import Fp8Linear, quantize_rows
+from po_batch.spec import open_spec
+from po_batch.tiny import build_checkpoint
+from po_batch.verify import verify
+
+
+def test_quantized_rows_are_within_e4m3_rounding():
+    x = torch.randn(64, 256) * torch.logspace(-3, 3, 64)[:, None]  # rows of very different magnitudes
+    q, s = quantize_rows(x)
+    assert q.dtype == torch.float8_e4m3fn and s.shape == (64, 1)
+    back = q.float() * s
+    # 3 mantissa bits: relative error at most 2^-4 for normal values; tiny ones (near 2^-9 of the row's max)
+    # fall into e4m3's subnormals, with an absolute error of a subnormal step
+    err = (back - x).abs()
+    assert (err <= x.abs() / 16 + s * 2.0 ** -9).all()
+    assert q.float().abs().amax(1).eq(448).all()  # every row uses the whole range
+
+
+def test_fp8_linear_matches_the_linear_within_rounding():
+    torch.manual_seed(0)
+    lin = nn.Linear(128, 96)
+    x = torch.randn(40, 128)
+    fp8 = Fp8Linear(lin)
+    want = lin(x)
+    got = fp8(x)
+    assert got.shape == want.shape and got.dtype == want.dtype
+    assert (got - want).norm() / want.norm() < 0.05
+    assert torch.allclose(fp8.part(x, 10, 50), got[:, 10:50])
+
+
+def png(seed: int) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (64 + 8 * seed, 96, 3), dtype=np.uint8)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fp8")
+    ckpt = build_checkpoint(root / "model", "qwen3_vl")
+    pq.write_table(pa.table({"id": [f"r{i}" for i in range(8)], "category": ["cat", "dog"] * 4,
+                             "image": pa.array([png(i) for i in range(8)], pa.binary())}), root / "data.parquet")
+    return ckpt, root
+
+
+def cfg_for(corpus, quantization: str):
+    ckpt, root = corpus
+    return config_from_dict({"model": {"path": str(ckpt), "device": "cpu", "quantization": quantization},
+                             "input": {"paths": [str(root / "data.parquet")], "columns": ["category"]},
+                             "task": {"prompt": "Is there a {category} in this image? Answer yes or no."},
+                             "output": {"path": str(root / "out")}, "run": {"workers": 0}})
+
+
+def test_fp8_engine_replaces_every_linear_but_the_readout_and_stays_close(corpus):
+    ckpt, root = corpus
+    rows = [(png(i), {"id": f"r{i}", "category": "cat"}) for i in range(8)]
+    base_spec, fp8_spec = open_spec(cfg_for(corpus, "none"), "cpu", "float32", 0), \
+        open_spec(cfg_for(corpus, "fp8"), "cpu", "float32", 0)
+    assert base_spec.fingerprint()["model.quantization"] == "none" != fp8_spec.fingerprint()["model.quantization"]
+    base, fp8 = base_spec.load_engine(), fp8_spec.load_engine()
+    linears = [m for m in fp8.model.modules() if isinstance(m, nn.Linear)]
+    assert linears == [] and sum(isinstance(m, Fp8Linear) for m in fp8.model.modules()) > 20
+    want = base.score([base_spec.prep(r) for r in rows])[:, 0]
+    got = fp8.score([fp8_spec.prep(r) for r in rows])[:, 0]
+    assert np.abs(want).max() > 0.05 and not np.allclose(got, want, atol=1e-6)  # it really runs in fp8
+    p = lambda z: 1 / (1 + np.exp(z[:, 1] - z[:, 0]))  # noqa: E731
+    assert np.abs(p(got) - p(want)).max() < 0.1
+    clear = np.abs(want[:, 0] - want[:, 1]) > 0.5
+    assert ((got[clear, 0] > got[clear, 1]) == (want[clear, 0] > want[clear, 1])).all()
+
+
+def test_verify_states_the_fp8_tolerance(corpus):
+    console = Console(file=io.StringIO(), width=200)
+    assert verify(cfg_for(corpus, "fp8"), 8, "cpu", "float32", console) == 0
+    text = console.file.getvalue()
+    assert "po-batch fp8 vs transformers" in text and "tolerance 0.15" in text
