@@ -90,7 +90,7 @@ def run(config: ConfigArg,
 @app.command()
 def status(target: Annotated[Path, typer.Argument(help="A config.yaml or an output directory.", show_default=False)],
            as_json: Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")] = False):
-    """Units done/pending/claimed, rows, errors, rate and ETA, read from the output directory's files alone."""
+    """Running or stopped; units done/claimed/failed/pending, rows, errors, rate and ETA: from the files alone."""
     from po_batch.data.errors import PlanError
     from po_batch.data.status import read_status
     from po_batch.data.store import open_store
@@ -109,21 +109,19 @@ def status(target: Annotated[Path, typer.Argument(help="A config.yaml or an outp
     typer.echo("\n".join(_status_lines(st)))
 
 
-def _n(count: int, thing: str) -> str:
-    return f"{count} {thing}" + ("" if count == 1 else "s")
-
-
 def _status_lines(st: dict) -> list[str]:
+    from po_batch.progress import plural
+
     eta = ("none (stopped)" if st["state"] == "stopped" else "unknown") if st["eta_s"] is None \
         else f"{st['eta_s'] / 60:.1f} min"
     rate = "unknown" if st["rate_rows_per_s"] is None else f"{st['rate_rows_per_s']:.1f} rows/s"
     kinds = ", ".join(f"{k} {n}" for k, n in st["error_kinds"].items()) or "none"
-    stale = [_n(st[k], what) for k, what in (("claims_dead", "dead claim"), ("claims_expired", "expired claim"))
-             if st[k]]
+    stale = ", ".join(plural(st[k], what) for k, what in (("claims_dead", "dead claim"),
+                                                          ("claims_expired", "expired claim")) if st[k])
     lines = [f"output   {st['output']}",
              f"state    {st['state']}",
              f"units    {st['units_done']}/{st['units_total']} done, {st['units_claimed']} claimed, "
-             f"{st['units_failed']} failed, {st['units_pending']} pending" + (f" ({', '.join(stale)})" if stale else ""),
+             f"{st['units_failed']} failed, {st['units_pending']} pending" + (f" ({stale})" if stale else ""),
              f"rows     {st['rows_done']}/{st['rows_total']} done, {st['rows_errored']} with errors ({kinds})",
              f"rate     {rate}, eta {eta}"]
     failed = list(st["failed"].items())
@@ -132,10 +130,11 @@ def _status_lines(st: dict) -> list[str]:
         lines.append(f"failed   ... and {len(failed) - 3} more (po-batch status --json lists them)")
     if st["markers_unreadable"]:
         ids = ", ".join(st["markers_unreadable"][:3]) + (", ..." if len(st["markers_unreadable"]) > 3 else "")
-        lines.append(f"markers  {_n(len(st['markers_unreadable']), 'unreadable marker')} ({ids}): "
+        lines.append(f"markers  {plural(len(st['markers_unreadable']), 'unreadable marker')} ({ids}): "
                      "not done, a rerun redoes them")
     if st["markers_other_epoch"]:
-        lines.append(f"markers  {_n(st['markers_other_epoch'], 'unit')} committed under a replaced plan: not done")
+        lines.append(f"markers  {plural(st['markers_other_epoch'], 'unit')} committed under a replaced plan: "
+                     "not done")
     lines += [f"inputs   {path} is left out: {why}" for path, why in st["inputs_unreadable"].items()]
     return lines
 

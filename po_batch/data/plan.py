@@ -155,13 +155,15 @@ def load_or_create_plan(store: Store, input_paths: list[str], rows_per_unit: int
             if schemas:
                 doc["schema"] = encode(unify(decode(doc["schema"]) if doc["schema"] else None, schemas, columns))
         for path, (entry, _) in zip(todo, described):
-            if path in planned:  # unreadable when planned: it keeps its index
-                index = planned[path]["index"]
-                planned[path].clear()
-                planned[path].update(index=index, **entry)
-            else:
+            if path not in planned:
                 doc["files"].append({"index": len(doc["files"]), **entry})
-        if todo or dirty:
+                dirty = True
+            elif {"index": planned[path]["index"], **entry} != planned[path]:  # unreadable when planned
+                entry = {"index": planned[path]["index"], **entry}
+                planned[path].clear()
+                planned[path].update(entry)
+                dirty = True
+        if dirty:
             store.put(PLAN, json.dumps(doc, separators=(",", ":")).encode())
     listed, fresh = set(inputs), set(todo)
     known = [f for f in doc["files"] if f["path"] in listed and f["path"] not in fresh and "error" not in f]
