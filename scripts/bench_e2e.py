@@ -80,7 +80,8 @@ def main():
         code = pipeline.run(cfg, restart=True, stats=stats)
         wall = time.perf_counter() - t
         store = open_store(cfg.output.path)
-        spans = sorted(scan(store, read_plan_doc(store)["epoch"]).spans, key=lambda s: s[1])  # (start, end, rows)
+        ledger = scan(store, read_plan_doc(store)["epoch"])
+        spans = sorted(zip(ledger.started, ledger.finished, ledger.sizes), key=lambda s: s[1])
         # steady state: rows committed after the first unit, over the time since the first unit committed
         steady = sum(n for _, _, n in spans[1:]) / (spans[-1][1] - spans[0][1])
         runs[depth] = {"exit_code": code, "e2e_wall_s": wall, "e2e_rows_per_s_including_startup": args.rows / wall,

@@ -45,7 +45,8 @@ def test_commit_writes_part_then_marker_of_the_epoch(out, plan):
     assert pq.read_table(out / "part-u1.parquet").column("id").to_pylist() == [1, 2, 3]
     assert sink.is_done("u1") and sink.done() == {"u1"}
     ledger = scan(store, plan.epoch)  # from the done index
-    assert (ledger.done, ledger.rows, ledger.errors, ledger.spans) == ({"u1"}, 3, 0, [(1.0, 2.0, 3)])
+    assert (ledger.done, ledger.rows, ledger.errors) == ({"u1"}, 3, 0)
+    assert (ledger.sizes, ledger.started, ledger.finished) == ([3], [1.0], [2.0])
     assert json.loads((out / "_po_batch" / "done" / "u1.json").read_text()) == \
         {"unit": "u1", "epoch": plan.epoch, **_stats(3)}
     assert sorted(os.listdir(out)) == ["_po_batch", "part-u1.parquet"]

@@ -7,11 +7,14 @@ of another epoch, a torn or garbled line is skipped, and a marker that no line c
 """
 
 import json
+import re
 import time
 import zlib
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime
+from itertools import repeat
+from operator import itemgetter
 
 from po_batch.data.layout import DONE_DIR, FAILED_DIR, INDEX, failure_name, marker_name, part_name
 from po_batch.data.store import Store
@@ -26,7 +29,10 @@ class Ledger:
     rows: int = 0  # of the done units, as their markers count them
     errors: int = 0
     error_kinds: Counter = field(default_factory=Counter)
-    spans: list[tuple[float, float, int]] = field(default_factory=list)  # (started_at, finished_at, rows) per unit
+    # per done unit, in one order: its rows, started_at and finished_at
+    sizes: list[int] = field(default_factory=list)
+    started: list[float] = field(default_factory=list)
+    finished: list[float] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)  # unit -> why, for failed units not done since
     unreadable: list[str] = field(default_factory=list)  # units whose marker does not parse: not done
     other_epoch: list[str] = field(default_factory=list)  # units committed under a replaced plan: not done
@@ -45,21 +51,18 @@ def index_line(doc: dict) -> bytes:
     return body + b"\t%08x\n" % zlib.crc32(body)
 
 
-def _read_index(store: Store, epoch: str) -> dict[str, list[bytes]]:
-    """unit -> its last line's fields after the epoch (rows, errors, started_at, finished_at, error_kinds), unparsed."""
+def _read_index(store: Store, epoch: str) -> dict[str, tuple[bytes, ...]]:
+    """unit -> the fields of its last whole line of the epoch: (line, unit, rows, errors, started_at, finished_at,
+    error_kinds, crc), unparsed. One regular expression over the file and C-level maps: a Python loop per line
+    would cost most of status's second at 100k units."""
     try:
         data = store.read(INDEX)
     except FileNotFoundError:
         return {}
-    ep, out = epoch.encode(), {}
-    for line in data.split(b"\n")[:-1]:  # what follows the last newline is empty, or a line torn by a crash
-        body, _, crc = line.rpartition(b"\t")
-        if crc != b"%08x" % zlib.crc32(body):
-            continue
-        fields = body.split(b"\t")
-        if fields[1] == ep:
-            out[fields[0].decode()] = fields[2:]
-    return out
+    line = re.compile(rb"^((\S+)\t%s\t(\d+)\t(\d+)\t(\S+)\t(\S+)\t(\S+))\t([0-9a-f]{8})$" % re.escape(epoch.encode()),
+                      re.MULTILINE)
+    whole = [m for m in line.findall(data) if int(m[7], 16) == zlib.crc32(m[0])]  # not torn, not garbled
+    return dict(zip(map(bytes.decode, map(itemgetter(1), whole)), whole))
 
 
 def _kinds(error_kinds: dict) -> bytes:
@@ -70,7 +73,9 @@ def _add(ledger: Ledger, rows: list[int], errors: list[int], started: list[float
          kinds: list[bytes]) -> None:
     ledger.rows += sum(rows)
     ledger.errors += sum(errors)
-    ledger.spans += zip(started, finished, rows)
+    ledger.sizes += rows
+    ledger.started += started
+    ledger.finished += finished
     for k, n in Counter(kinds).items():  # a few distinct values over many units: parse each once
         for kind, count in json.loads(k).items():
             ledger.error_kinds[kind] += count * n
@@ -117,20 +122,19 @@ def is_done(store: Store, unit_id: str, epoch: str) -> bool:
 def scan(store: Store, epoch: str) -> Ledger:
     """Done, failed and unreadable units of the epoch, from the index plus the markers it does not cover."""
     ledger = Ledger()
-    names, parts = store.names(DONE_DIR), set(store.names(""))
-    markers = set(names)
+    # Names that are not '{unit}.json' or 'part-{unit}.parquet' (temporaries, the state folder) stay as they are,
+    # which no unit id is: the intersections drop them.
+    markers = set(map(str.removesuffix, store.names(DONE_DIR), repeat(".json")))
+    parts = set(map(str.removesuffix, map(str.removeprefix, store.names(""), repeat("part-")), repeat(".parquet")))
+    present = markers & parts  # a marker whose part was deleted by hand does not count
     index = _read_index(store, epoch)
-    # a marker whose part was deleted by hand does not count
-    covered = {u for u in index if f"{u}.json" in markers and f"part-{u}.parquet" in parts}
-    ledger.done |= covered
-    lines = list(index.values()) if len(covered) == len(index) else [index[u] for u in covered]
-    _add(ledger, [int(f[0]) for f in lines], [int(f[1]) for f in lines], [float(f[2]) for f in lines],
-         [float(f[3]) for f in lines], [f[4] for f in lines])
-    # only markers the index does not cover are read: those of commits whose line was lost or torn, and any
-    # marker not committed in this epoch
-    uncovered = [] if len(markers) == len(covered) else sorted(
-        u for u in (n[:-5] for n in names if n.endswith(".json") and not n.startswith("."))
-        if u not in covered and f"part-{u}.parquet" in parts)
+    ledger.done = index.keys() & present
+    lines = list(index.values()) if len(ledger.done) == len(index) else [index[u] for u in ledger.done]
+    rows, errors, started, finished, kinds = (list(map(itemgetter(i), lines)) for i in range(2, 7))
+    _add(ledger, list(map(int, rows)), list(map(int, errors)), list(map(float, started)), list(map(float, finished)),
+         kinds)
+    # what the index does not cover is read: commits whose line was lost or torn, and markers of other epochs
+    uncovered = sorted(u for u in present - ledger.done if not u.startswith("."))
     read = []
     for unit_id in uncovered:
         try:
@@ -150,7 +154,8 @@ def scan(store: Store, epoch: str) -> Ledger:
             ledger.unreadable.append(unit_id)
             continue
         ledger.done.add(unit_id)
-    _add(ledger, *([f[i] for f in read] for i in range(5)))
+    if read:
+        _add(ledger, *map(list, zip(*read)))
     for name in store.names(FAILED_DIR):
         unit_id = name.removesuffix(".json")
         if name.startswith(".") or unit_id == name or unit_id in ledger.done:

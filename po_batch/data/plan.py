@@ -10,6 +10,7 @@ import json
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from itertools import pairwise
 
 import pyarrow as pa
 
@@ -96,7 +97,7 @@ def _committed(store: Store) -> bool:
 
 
 def plan_from_doc(doc: dict) -> Plan:
-    units = [Unit(unit_id(f["index"], a), f["path"], a, b) for f in doc["files"] for a, b in f["units"]]
+    units = [Unit(unit_id(f["index"], a), f["path"], a, b) for f in doc["files"] for a, b in pairwise(f["cuts"])]
     unreadable = {f["path"]: f["error"] for f in doc["files"] if "error" in f}
     schema = decode(doc["schema"]) if doc["schema"] else None
     return Plan(units, doc["fingerprint"], doc["epoch"], schema, unreadable)
@@ -108,8 +109,11 @@ def _describe(path: str, rows_per_unit: int) -> tuple[dict, pa.Schema | None]:
     try:
         ident, sizes, schema = read_identity(path)
     except PlanError as e:
-        return {"path": path, "error": str(e), "units": []}, None
-    return {"path": path, **ident, "units": ranges(sizes, rows_per_unit)}, schema
+        return {"path": path, "error": str(e), "cuts": []}, None
+    # a file's units are contiguous: their boundaries are the plan's smallest form (plan.json is read by every
+    # status and every worker, at 100k units too)
+    cuts = [a for a, _ in ranges(sizes, rows_per_unit)] + [ident["rows"]] if ident["rows"] else []
+    return {"path": path, **ident, "cuts": cuts}, schema
 
 
 def _map(fn, items: list) -> list:

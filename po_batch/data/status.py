@@ -14,18 +14,19 @@ RATE_MIN_UNITS = 5
 RECENT_S = 60.0
 
 
-def _rate(spans: list[tuple[float, float, int]]) -> float | None:
+def _rate(sizes: list[int], started: list[float], finished: list[float]) -> float | None:
     """Rows per second over the last 10 minutes of finished units, or over the whole run when those are few."""
-    if not spans:
+    if not finished:
         return None
-    last = max(f for _, f, _ in spans)
-    window = [(s, f, n) for s, f, n in spans if f >= last - RATE_WINDOW_S]
+    last = max(finished)
+    edge = last - RATE_WINDOW_S
+    window = [i for i, f in enumerate(finished) if f >= edge]
     if len(window) >= RATE_MIN_UNITS:
         # from the window's first start, not its edge: a run resumed 2 minutes ago was not idle before
-        spans, t0 = window, max(min(s for s, _, _ in window), last - RATE_WINDOW_S)
+        t0, rows = max(min(started[i] for i in window), edge), sum(sizes[i] for i in window)
     else:
-        t0 = min(s for s, _, _ in spans)
-    return sum(n for _, _, n in spans) / (last - t0) if last > t0 else None
+        t0, rows = min(started), sum(sizes)
+    return rows / (last - t0) if last > t0 else None
 
 
 def read_status(store: Store, ttl_s: float = 300.0) -> dict:
@@ -35,15 +36,15 @@ def read_status(store: Store, ttl_s: float = 300.0) -> dict:
     if doc is None:
         raise PlanError(f"no po-batch output at {store.root}")
     epoch, files = doc["epoch"], [f for f in doc["files"] if "error" not in f]
-    units_total, rows_total = sum(len(f["units"]) for f in files), sum(f["rows"] for f in files)
+    units_total, rows_total = sum(max(len(f["cuts"]) - 1, 0) for f in files), sum(f["rows"] for f in files)
     ledger = scan(store, epoch)
     claims = {k: s for k, s in claim_states(store, epoch, ttl_s).items() if k not in ledger.done}
     claimed = {k for k, s in claims.items() if s == "live"}
     failed = {k: why for k, why in ledger.failed.items() if k not in claimed}
     unreadable = {f["path"]: f["error"] for f in doc["files"] if "error" in f}
-    rate = _rate(ledger.spans)
+    rate = _rate(ledger.sizes, ledger.started, ledger.finished)
     rows_left = rows_total - ledger.rows
-    last = max((f for _, f, _ in ledger.spans), default=None)
+    last = max(ledger.finished, default=None)
     if rows_left == 0 and not unreadable:
         state = "done"
     elif claimed or (last is not None and time.time() - last < RECENT_S):
