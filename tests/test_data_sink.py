@@ -141,13 +141,13 @@ def test_failure_record_is_not_done_and_a_commit_removes_it(out, plan):
 def test_clean_orphans_removes_only_old_temporaries(out, plan):
     sink = Sink(LocalStore(out), plan)
     sink.commit("u1", _table([1]), _stats(1))
-    old, new = out / ".part-u2.aaaa.tmp", out / ".part-u3.bbbb.tmp"
-    old_marker = out / "_po_batch" / "done" / ".u2.json.cccc.tmp"
+    old, new = out / ".part-u2.parquet.aaaaaaaaaaaa.tmp", out / ".part-u3.parquet.bbbbbbbbbbbb.tmp"
+    old_marker = out / "_po_batch" / "done" / ".u2.json.cccccccccccc.tmp"
     unmarked = out / "part-u4.parquet"  # renamed, marker not yet written
-    users = out / ".notes.tmp"  # not a name po-batch makes
+    users = out / ".my.bad.tmp"  # not a name po-batch makes
     claims = out / "_po_batch" / "claims"
     claims.mkdir()
-    tomb, claim = claims / "u5.claim.0a1b2c.tomb", claims / "u6.claim"  # a takeover killed mid-way; a live claim
+    tomb, claim = claims / "u5.claim.0a1b2c3d4e5f.tomb", claims / "u6.claim"  # a takeover killed mid-way; a live one
     for p in (old, new, old_marker, unmarked, users, tomb, claim):
         p.write_bytes(b"x")
     two_hours_ago = time.time() - 7200
@@ -155,7 +155,7 @@ def test_clean_orphans_removes_only_old_temporaries(out, plan):
         os.utime(p, (two_hours_ago, two_hours_ago))
     clean_orphans(LocalStore(out))
     assert os.listdir(claims) == ["u6.claim"]  # stale claims are taken over, not deleted here
-    assert sorted(os.listdir(out)) == [".notes.tmp", ".part-u3.bbbb.tmp", "_po_batch", "part-u1.parquet",
-                                       "part-u4.parquet"]
+    assert sorted(os.listdir(out)) == [".my.bad.tmp", ".part-u3.parquet.bbbbbbbbbbbb.tmp", "_po_batch",
+                                       "part-u1.parquet", "part-u4.parquet"]
     assert os.listdir(out / "_po_batch" / "done") == ["u1.json"]
     assert sink.is_done("u1")

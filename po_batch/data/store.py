@@ -20,8 +20,9 @@ from typing import BinaryIO
 
 from po_batch.data.errors import PlanError, backend_error
 
-# what LocalStore leaves behind when a process dies mid-write or mid-takeover (see sweep)
-_TEMPORARY = re.compile(r"^\..+\.[0-9a-f]+\.tmp$|^.+\.[0-9a-f]+\.tomb$")
+# what LocalStore leaves behind when a process dies mid-write or mid-takeover (see sweep), and nothing a user
+# would name a file
+_TEMPORARY = re.compile(r"^\..+\.[0-9a-f]{12}\.tmp$|^.+\.[0-9a-f]{12}\.tomb$")
 
 
 @dataclass(frozen=True)
