@@ -219,6 +219,8 @@ def main():
     ap.add_argument("--varlen-only", default="qwen3_vl_2b", help="workloads also measured without dense attention")
     ap.add_argument("--profile", default="qwen3_vl_2b", help="workloads to profile (top device kernels)")
     ap.add_argument("--fp8", default="qwen3_vl_2b", help="workloads also measured with model.quantization: fp8")
+    ap.add_argument("--repeat-kv", default="qwen3_vl_2b",
+                    help="workloads also measured with K/V repeated for grouped heads (layers/attention.py)")
     ap.add_argument("--no-epilogue", default="qwen3_vl_2b",
                     help="workloads also measured without the cuBLASLt GELU epilogue (layers/mlp.py)")
     ap.add_argument("--cpu-smoke", action="store_true", help="a tiny model on the CPU, to check the script itself")
@@ -242,13 +244,17 @@ def main():
             "task": {"prompt": VL_PROMPT if vision else TEXT_PROMPT},
             "image": {"max_pixels": max_pixels}, "run": {"batch_tokens": int(budget or 16384)}})
         rows = rows_for(kind, n)
-        eager = varlen = fp8 = no_epilogue = None
+        eager = varlen = fp8 = no_epilogue = repeat_kv = None
         if name in args.eager.split(","):  # before/after of the fused (torch.compile) graphs, same run
             eager = {k: v for k, v in bench_pobatch(cfg, rows, fuse=False).items() if k not in ("logits", "samples")}
         if name in args.varlen_only.split(","):  # before/after of the dense attention path for same-size images
             attention.DENSE_WHEN_UNIFORM = False
             varlen = {k: v for k, v in bench_pobatch(cfg, rows).items() if k not in ("logits", "samples")}
             attention.DENSE_WHEN_UNIFORM = True
+        if name in args.repeat_kv.split(","):
+            attention.GQA_DIRECT = False
+            repeat_kv = {k: v for k, v in bench_pobatch(cfg, rows).items() if k not in ("logits", "samples")}
+            attention.GQA_DIRECT = True
         if name in args.no_epilogue.split(","):
             mlp.GELU_EPILOGUE = False
             no_epilogue = {k: v for k, v in bench_pobatch(cfg, rows).items() if k not in ("logits", "samples")}
@@ -278,6 +284,7 @@ def main():
         w = {"samples": n, "flops_per_sample": flops,
              "pobatch": {k: v for k, v in ours.items() if k not in ("logits", "samples")}, "pobatch_eager": eager,
              "pobatch_varlen_only": varlen, "pobatch_fp8": fp8, "pobatch_no_gelu_epilogue": no_epilogue,
+             "pobatch_repeat_kv": repeat_kv,
              "transformers": theirs["by_batch"], "transformers_best_batch": int(best_b),
              "speedup_vs_best": ours["samples_per_s"] / best,
              "speedup_vs_b32": ours["samples_per_s"] / theirs["by_batch"]["32"]["samples_per_s"]

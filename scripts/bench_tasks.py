@@ -69,6 +69,7 @@ def main():
     ckpt = benchlib.make_checkpoint("qwen3_vl_2b", Path(args.work) / "qwen3_vl_2b", device, tiny=args.cpu_smoke)
     rows = rows_for("448", args.samples)
     specs = {"yes_no": {"prompt": QUESTIONS[0]},
+             "yes_no_label_prompt": {"prompt": LABEL_PROMPT},  # the labels' baseline: the same prompt tokens
              "questions_5": {"questions": {f"q{i}": {"prompt": q} for i, q in enumerate(QUESTIONS)}},
              **{f"single_{i}": {"prompt": q} for i, q in enumerate(QUESTIONS)},
              "labels_first_token_7": {"type": "labels", "prompt": LABEL_PROMPT, "labels": FIRST},
@@ -99,7 +100,7 @@ def main():
     ref = np.stack(ref)
     d_prob = float(np.abs(task.probs(mine) - task.probs(ref)).max())
     agree = float((mine.argmax(1) == ref.argmax(1)).mean())
-    yes = res["yes_no"]
+    yes = res["yes_no_label_prompt"]
     record = {"env": benchlib.environment(), "samples": args.samples, "label_token_lengths": dict(zip(FULL, lengths)),
               "runs": {k: {kk: vv for kk, vv in r.items() if kk not in ("readout", "spec")} for k, r in res.items()},
               "questions_5_speedup_vs_separate": separate_s / res["questions_5"]["seconds"],
