@@ -10,8 +10,6 @@ from typing import Annotated
 
 import typer
 
-from po_batch.config import ConfigError, load_config
-
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   context_settings={"help_option_names": ["-h", "--help"]},
                   help="Score image corpora with Qwen-VL models, prefill only: one forward pass per row.")
@@ -25,6 +23,8 @@ def _fail(code: int, msg: str):
 
 
 def _config(path: Path):
+    from po_batch.config import ConfigError, load_config  # pydantic: not needed by `status OUTPUT_DIR`
+
     try:
         return load_config(path)
     except ConfigError as e:
@@ -33,7 +33,8 @@ def _config(path: Path):
 
 def _user_errors():
     """Errors that mean the user's input or setup is wrong (exit 2), as opposed to a failure mid-run (exit 1)."""
-    from po_batch.data.plan import PlanError
+    from po_batch.config import ConfigError
+    from po_batch.data.errors import PlanError
     from po_batch.models.loader import ModelError
     from po_batch.prep.prompt import PromptError
 
@@ -89,29 +90,53 @@ def run(config: ConfigArg,
 @app.command()
 def status(target: Annotated[Path, typer.Argument(help="A config.yaml or an output directory.", show_default=False)],
            as_json: Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")] = False):
-    """Units done/pending/claimed, rows, errors, rate and ETA, read from the output directory's files alone."""
-    from po_batch.data.plan import PlanError
+    """Running or stopped; units done/claimed/failed/pending, rows, errors, rate and ETA: from the files alone."""
+    from po_batch.data.errors import PlanError
     from po_batch.data.status import read_status
+    from po_batch.data.store import open_store
 
     out, ttl = str(target), 300.0
     if target.is_file():
         cfg = _config(target)
         out, ttl = cfg.output.path, cfg.run.claim_ttl_s
     try:
-        st = read_status(out, ttl)
+        st = read_status(open_store(out), ttl)
     except PlanError as e:
         _fail(2, str(e))
     if as_json:
         typer.echo(json.dumps(st, indent=2))
         return
-    eta = "unknown" if st["eta_s"] is None else f"{st['eta_s'] / 60:.1f} min"
+    typer.echo("\n".join(_status_lines(st)))
+
+
+def _status_lines(st: dict) -> list[str]:
+    from po_batch.progress import plural
+
+    eta = ("none (stopped)" if st["state"] == "stopped" else "unknown") if st["eta_s"] is None \
+        else f"{st['eta_s'] / 60:.1f} min"
     rate = "unknown" if st["rate_rows_per_s"] is None else f"{st['rate_rows_per_s']:.1f} rows/s"
     kinds = ", ".join(f"{k} {n}" for k, n in st["error_kinds"].items()) or "none"
-    typer.echo(f"output   {st['output']}\n"
-               f"units    {st['units_done']}/{st['units_total']} done, {st['units_claimed']} claimed, "
-               f"{st['units_pending']} pending\n"
-               f"rows     {st['rows_done']}/{st['rows_total']} done, {st['rows_errored']} with errors ({kinds})\n"
-               f"rate     {rate}, eta {eta}")
+    stale = ", ".join(plural(st[k], what) for k, what in (("claims_dead", "dead claim"),
+                                                          ("claims_expired", "expired claim")) if st[k])
+    lines = [f"output   {st['output']}",
+             f"state    {st['state']}",
+             f"units    {st['units_done']}/{st['units_total']} done, {st['units_claimed']} claimed, "
+             f"{st['units_failed']} failed, {st['units_pending']} pending" + (f" ({stale})" if stale else ""),
+             f"rows     {st['rows_done']}/{st['rows_total']} done, {st['rows_errored']} with errors ({kinds})",
+             f"rate     {rate}, eta {eta}"]
+    failed = list(st["failed"].items())
+    lines += [f"failed   {unit}: {why}" for unit, why in failed[:3]]
+    if len(failed) > 3:
+        lines.append(f"failed   ... and {len(failed) - 3} more (po-batch status --json lists them)")
+    if st["markers_unreadable"]:
+        ids = ", ".join(st["markers_unreadable"][:3]) + (", ..." if len(st["markers_unreadable"]) > 3 else "")
+        lines.append(f"markers  {plural(len(st['markers_unreadable']), 'unreadable marker')} ({ids}): "
+                     "not done, a rerun redoes them")
+    if st["markers_other_epoch"]:
+        lines.append(f"markers  {plural(st['markers_other_epoch'], 'unit')} committed under a replaced plan: "
+                     "not done")
+    lines += [f"inputs   {path} is left out: {why}" for path, why in st["inputs_unreadable"].items()]
+    return lines
 
 
 @app.command()

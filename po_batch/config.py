@@ -294,6 +294,19 @@ class Config(_Section):
                           self.input.columns)
         return self
 
+    @model_validator(mode="after")
+    def _check_output(self) -> Config:
+        if _URL.match(self.output.path) and not self.output.path.startswith("file://"):
+            return self
+        out = os.path.realpath(self.output.path.removeprefix("file://"))
+        for i, p in enumerate(self.input.paths):
+            folder = _input_dir(p)
+            if folder is not None and (out == folder or out.startswith(folder.rstrip(os.sep) + os.sep)):
+                raise _FieldError("output.path", f"{self.output.path} is in the input directory {folder} "
+                                                 f"(input.paths[{i}] is {p}); po-batch would read its own output "
+                                                 "as input: write it elsewhere")
+        return self
+
 
 def _check_prompt(prompt: str, key: str, allowed: list[str], columns: list[str]) -> None:
     have = ", ".join(columns) or "none"
@@ -314,6 +327,19 @@ def _check_prompt(prompt: str, key: str, allowed: list[str], columns: list[str])
         raise _FieldError(key, f"{{{e.args[0]}}} is not a column; add it to input.columns (have: {have})") from None
     except (ValueError, IndexError) as e:
         raise _FieldError(key, f"does not format: {e}") from None
+
+
+def _input_dir(path: str) -> str | None:
+    """The folder an input path lists files from: the directory itself, or the one a glob starts in; None for a
+    file or a remote URL."""
+    if _URL.match(path) and not path.startswith("file://"):
+        return None
+    path = path.removeprefix("file://")
+    parts = path.split(os.sep)
+    for k, part in enumerate(parts):
+        if any(c in part for c in "*?["):
+            return os.path.realpath(os.sep.join(parts[:k]) or os.sep)
+    return os.path.realpath(path) if os.path.isdir(path) else None
 
 
 class _Blank:

@@ -6,6 +6,7 @@ commits finished units. SIGTERM/SIGINT/SIGUSR1 stop claiming, let claimed units 
 import collections
 import os
 import signal
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -17,7 +18,9 @@ from po_batch.config import Config, resolved_device, resolved_dtype, workers_cou
 from po_batch.data.claims import Claims, default_owner, drop_done_claims
 from po_batch.data.parquet import check_unique_ids, read_unit, resolve_path
 from po_batch.data.plan import Plan, Unit, load_or_create_plan
-from po_batch.data.sink import clean_orphans, commit_unit, is_done
+from po_batch.data.schema import Columns
+from po_batch.data.sink import LostUnit, Sink, clean_orphans
+from po_batch.data.store import Store, open_store
 from po_batch.prep.pool import PrepPool, RowError
 from po_batch.progress import Progress, plural
 from po_batch.spec import Spec, open_spec
@@ -58,11 +61,12 @@ class RunStats:
 
 
 class Runner:
-    def __init__(self, spec: Spec, engine, plan: Plan, shard: tuple[int, int] | None):
+    def __init__(self, spec: Spec, engine, store: Store, plan: Plan, shard: tuple[int, int] | None):
         self.cfg, self.spec, self.engine, self.plan, self.shard = spec.cfg, spec, engine, plan, shard
-        self.out = self.cfg.output.path
         self.owner = default_owner()
-        self.claims = None if shard else Claims(self.out, self.owner, self.cfg.run.claim_ttl_s)
+        self.claims = None if shard else Claims(store, self.owner, plan.epoch, self.cfg.run.claim_ttl_s)
+        self.sink = Sink(store, plan, self.claims)
+        self.replaced = False  # the plan was replaced under this run: nothing it scores can be committed
         self.stopping = False
         self.stats = RunStats()
         self.writer = ThreadPoolExecutor(1, thread_name_prefix="po-batch-writer")
@@ -74,7 +78,8 @@ class Runner:
 
     def candidates(self) -> list[Unit]:
         i, n = self.shard or (0, 1)
-        return [u for k, u in enumerate(self.plan.units) if k % n == i and not is_done(self.out, u.id)]
+        done = self.sink.done()
+        return [u for k, u in enumerate(self.plan.units) if k % n == i and u.id not in done]
 
     def rows(self):
         """(key, (image, fields)) for every row of every unit this worker claims, claiming lazily."""
@@ -85,7 +90,7 @@ class Runner:
                 return
             if self.claims and not self.claims.try_claim(unit.id):
                 continue
-            if is_done(self.out, unit.id):  # committed by another worker since we listed
+            if self.sink.is_done(unit.id):  # committed by another worker since we listed
                 self.claims and self.claims.release(unit.id)
                 continue
             st = UnitState(unit, time.time(), (self.spec.tasks.reads, self.spec.tasks.width))
@@ -143,6 +148,8 @@ class Runner:
                 self.claims.stop_heartbeat()
                 self.claims.release_all()
         self.left = len(self.candidates())
+        if self.replaced:
+            return EXIT_FAILED
         return EXIT_STOPPED if self.stopping and self.left else EXIT_DONE
 
     def score(self, pending, progress: Progress) -> None:
@@ -180,13 +187,19 @@ class Runner:
         for name, values in self.spec.tasks.columns(st.readout, failed).items():
             table = table.append_column(name, values)
         table = table.append_column("error", pa.array(st.errors, pa.string()))
-        commit_unit(self.out, st.unit.id, table, {
-            "rows": st.unit.rows, "errors": int(failed.sum()), "error_kinds": dict(st.kinds),
-            "started_at": st.started_at, "finished_at": time.time(), "owner": self.owner})
+        try:
+            self.sink.commit(st.unit.id, table, {
+                "rows": st.unit.rows, "errors": int(failed.sum()), "error_kinds": dict(st.kinds),
+                "started_at": st.started_at, "finished_at": time.time(), "owner": self.owner})
+        except LostUnit as e:
+            print(f"po-batch: {e}", file=sys.stderr, flush=True)
+            if e.reason == "epoch":
+                self.replaced = self.stopping = True
+        else:
+            self.stats.units += 1
+            self.stats.errors.update(st.kinds)
         if self.claims:
             self.claims.release(st.unit.id)
-        self.stats.units += 1
-        self.stats.errors.update(st.kinds)
 
 
 def run(cfg: Config, restart: bool = False, shard: tuple[int, int] | None = None, stats: RunStats | None = None,
@@ -198,16 +211,20 @@ def run(cfg: Config, restart: bool = False, shard: tuple[int, int] | None = None
     device = resolved_device(cfg, torch.cuda.is_available())
     dtype = resolved_dtype(cfg, device)
     spec = open_spec(cfg, device, dtype, workers_count(cfg, len(os.sched_getaffinity(0))))
-    plan = load_or_create_plan(cfg.output.path, cfg.input.paths, cfg.run.rows_per_unit, spec.fingerprint(), restart)
-    clean_orphans(cfg.output.path)
-    drop_done_claims(cfg.output.path)
-    runner = Runner(spec, None, plan, shard)
+    store = open_store(cfg.output.path)
+    columns = Columns(cfg.input.id_column, cfg.input.image_column, tuple(cfg.input.columns))
+    plan = load_or_create_plan(store, cfg.input.paths, cfg.run.rows_per_unit, spec.fingerprint(), restart, columns)
+    clean_orphans(store)
+    drop_done_claims(store, plan.epoch)
+    runner = Runner(spec, None, store, plan, shard)
     if stats is not None:
         runner.stats = stats
+    for path, why in plan.unreadable.items():
+        print(f"po-batch: input {path} is left out: {why}", file=sys.stderr)
     todo = runner.candidates()
     if not todo:
         print(f"nothing to do: every unit of {cfg.output.path} is done ({plural(len(plan.units), 'unit')})")
-        return EXIT_DONE
+        return EXIT_FAILED if plan.unreadable else EXIT_DONE
     progress = Progress(len(todo), sum(u.rows for u in todo), cfg.run.log_every_s)
     progress.announce(config_path, cfg.output.path, f"{device} ({dtype})", spec.workers)
     runner.engine = spec.load_engine()
@@ -233,4 +250,4 @@ def run(cfg: Config, restart: bool = False, shard: tuple[int, int] | None = None
     if code == EXIT_DONE and runner.left:
         progress.note(f"{plural(runner.left, 'unit')} left to the other workers that claimed them; a later run "
                       f"takes over any they do not commit")
-    return code
+    return EXIT_FAILED if code == EXIT_DONE and plan.unreadable else code

@@ -24,7 +24,9 @@ def main():
     from bench_engine import VL_PROMPT
     from po_batch import pipeline
     from po_batch.config import config_from_dict
-    from po_batch.data.sink import done_units
+    from po_batch.data.markers import scan
+    from po_batch.data.planfile import read_plan_doc
+    from po_batch.data.store import open_store
     from po_batch.spec import open_spec
 
     ap = argparse.ArgumentParser()
@@ -77,9 +79,11 @@ def main():
         stats = pipeline.RunStats()
         code = pipeline.run(cfg, restart=True, stats=stats)
         wall = time.perf_counter() - t
-        markers = sorted(done_units(cfg.output.path).values(), key=lambda m: m["finished_at"])
+        store = open_store(cfg.output.path)
+        ledger = scan(store, read_plan_doc(store)["epoch"])
+        spans = sorted(zip(ledger.started, ledger.finished, ledger.sizes), key=lambda s: s[1])
         # steady state: rows committed after the first unit, over the time since the first unit committed
-        steady = sum(m["rows"] for m in markers[1:]) / (markers[-1]["finished_at"] - markers[0]["finished_at"])
+        steady = sum(n for _, _, n in spans[1:]) / (spans[-1][1] - spans[0][1])
         runs[depth] = {"exit_code": code, "e2e_wall_s": wall, "e2e_rows_per_s_including_startup": args.rows / wall,
                        "e2e_rows_per_s_steady": steady, "e2e_over_engine": steady / engine_rate,
                        "scoring_thread": {"wait_prep_s": stats.wait_prep_s, "launch_s": stats.launch_s,

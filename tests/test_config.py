@@ -262,3 +262,16 @@ def test_config_module_does_not_import_torch():
     import sys
     code = "import sys, po_batch.config; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_output_inside_or_equal_to_an_input_directory_is_refused_naming_both(tmp_path):
+    (tmp_path / "data").mkdir()
+    for paths, out in [("[data]", "data/scores"), ("[data/*.parquet]", "data"), ("['data/**/*.parquet']", "data/x/y")]:
+        with pytest.raises(ConfigError) as e:
+            load(tmp_path, BASE.replace("[data/*.parquet]", paths).replace("out/run1", out))
+        assert str(e.value).startswith(f"output.path: {tmp_path / out} is in the input directory {tmp_path / 'data'} "
+                                       "(input.paths[0] is ")
+        assert "write it elsewhere" in str(e.value)
+    load(tmp_path, BASE.replace("out/run1", "scores"))  # beside the input: fine
+    load(tmp_path, BASE.replace("[data/*.parquet]", "[data/a.parquet]").replace("out/run1", "data"))  # a file
+    load(tmp_path, BASE.replace("[data/*.parquet]", "['s3://bucket/data/*.parquet']").replace("out/run1", "data"))

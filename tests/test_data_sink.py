@@ -1,5 +1,7 @@
-"""Sink: atomic part commit, done markers, what pyarrow.dataset readers see, orphan cleanup."""
+"""Sink: atomic part commit, done markers of the plan's epoch, failure records, what pyarrow.dataset readers see,
+refused commits of a worker that lost its claim or its plan, orphan cleanup."""
 
+import json
 import os
 import time
 
@@ -8,7 +10,23 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 
-from po_batch.data.sink import clean_orphans, commit_unit, done_units, is_done, part_path
+from po_batch.data.claims import Claims
+from po_batch.data.markers import scan
+from po_batch.data.plan import load_or_create_plan
+from po_batch.data.sink import LostUnit, Sink, clean_orphans
+from po_batch.data.store import LocalStore
+
+
+@pytest.fixture
+def plan(tmp_path):
+    (tmp_path / "in").mkdir()
+    pq.write_table(pa.table({"id": [1]}), tmp_path / "in" / "a.parquet")
+    return load_or_create_plan(LocalStore(tmp_path / "out"), [str(tmp_path / "in")], 10, {})
+
+
+@pytest.fixture
+def out(tmp_path, plan):
+    return tmp_path / "out"
 
 
 def _table(ids):
@@ -19,71 +37,125 @@ def _stats(rows, errors=0):
     return {"rows": rows, "errors": errors, "error_kinds": {}, "started_at": 1.0, "finished_at": 2.0, "owner": "w"}
 
 
-def test_commit_unit_writes_part_then_marker(tmp_path):
-    out = str(tmp_path)
-    assert not is_done(out, "u1")
-    commit_unit(out, "u1", _table([1, 2, 3]), _stats(3))
-    assert part_path(out, "u1") == os.path.join(out, "part-u1.parquet")
-    assert pq.read_table(part_path(out, "u1")).column("id").to_pylist() == [1, 2, 3]
-    assert is_done(out, "u1")
-    assert done_units(out) == {"u1": {"unit": "u1", **_stats(3)}}
+def test_commit_writes_part_then_marker_of_the_epoch(out, plan):
+    store = LocalStore(out)
+    sink = Sink(store, plan)
+    assert not sink.is_done("u1")
+    sink.commit("u1", _table([1, 2, 3]), _stats(3))
+    assert pq.read_table(out / "part-u1.parquet").column("id").to_pylist() == [1, 2, 3]
+    assert sink.is_done("u1") and sink.done() == {"u1"}
+    ledger = scan(store, plan.epoch)  # from the done index
+    assert (ledger.done, ledger.rows, ledger.errors) == ({"u1"}, 3, 0)
+    assert (ledger.sizes, ledger.started, ledger.finished) == ([3], [1.0], [2.0])
+    assert json.loads((out / "_po_batch" / "done" / "u1.json").read_text()) == \
+        {"unit": "u1", "epoch": plan.epoch, **_stats(3)}
     assert sorted(os.listdir(out)) == ["_po_batch", "part-u1.parquet"]
-    assert os.listdir(os.path.join(out, "_po_batch", "done")) == ["u1.json"]
+    assert os.listdir(out / "_po_batch" / "done") == ["u1.json"]
 
 
-def test_recommit_replaces_the_part_so_rows_appear_once(tmp_path):
-    out = str(tmp_path)
-    commit_unit(out, "u1", _table([1, 2]), _stats(2))
-    commit_unit(out, "u1", _table([1, 2]), _stats(2))
-    assert ds.dataset(out).to_table().column("id").to_pylist() == [1, 2]
+def test_recommit_replaces_the_part_so_rows_appear_once(out, plan):
+    sink = Sink(LocalStore(out), plan)
+    sink.commit("u1", _table([1, 2]), _stats(2))
+    sink.commit("u1", _table([1, 2]), _stats(2))
+    assert ds.dataset(str(out)).to_table().column("id").to_pylist() == [1, 2]
 
 
-def test_dataset_reader_sees_only_committed_parts(tmp_path):
-    out = str(tmp_path)
-    commit_unit(out, "u1", _table([1, 2]), _stats(2))
-    commit_unit(out, "u2", _table([3]), _stats(1))
+def test_dataset_reader_sees_only_committed_parts(out, plan):
+    sink = Sink(LocalStore(out), plan)
+    sink.commit("u1", _table([1, 2]), _stats(2))
+    sink.commit("u2", _table([3]), _stats(1))
     # what a crashed or in-flight writer leaves: a temporary part, half written
-    (tmp_path / ".part-u3.0123456789ab.tmp").write_bytes(b"PAR1 half a file")
+    (out / ".part-u3.parquet.0123456789ab.tmp").write_bytes(b"PAR1 half a file")
     # po-batch's own state and temporary markers
-    (tmp_path / "_po_batch" / "done" / ".u3.json.0123.tmp").write_text("{")
-    dataset = ds.dataset(out, format="parquet")
+    (out / "_po_batch" / "done" / ".u3.json.0123.tmp").write_text("{")
+    dataset = ds.dataset(str(out), format="parquet")
     assert sorted(os.path.basename(f) for f in dataset.files) == ["part-u1.parquet", "part-u2.parquet"]
     assert sorted(dataset.to_table().column("id").to_pylist()) == [1, 2, 3]
-    assert set(done_units(out)) == {"u1", "u2"}
+    assert sink.done() == {"u1", "u2"}
 
 
-def test_failed_write_leaves_no_part_and_no_marker(tmp_path):
-    out = str(tmp_path)
+def test_failed_write_leaves_no_part_and_no_marker(out, plan):
+    sink = Sink(LocalStore(out), plan)
     types = pa.array([0, 1], type=pa.int8())
     union = pa.UnionArray.from_sparse(types, [pa.array([1, 2]), pa.array(["a", "b"])])  # Parquet has no unions
     with pytest.raises(pa.ArrowNotImplementedError):
-        commit_unit(out, "u1", pa.table({"u": union}), _stats(2))
-    assert os.listdir(out) == [] and not is_done(out, "u1")
+        sink.commit("u1", pa.table({"u": union}), _stats(2))
+    assert os.listdir(out) == ["_po_batch"] and not sink.is_done("u1")
 
 
-def test_marker_without_part_is_not_done(tmp_path):
-    out = str(tmp_path)
-    commit_unit(out, "u1", _table([1]), _stats(1))
-    os.remove(part_path(out, "u1"))
-    assert not is_done(out, "u1") and done_units(out) == {}
+def test_marker_without_part_is_not_done(out, plan):
+    sink = Sink(LocalStore(out), plan)
+    sink.commit("u1", _table([1]), _stats(1))
+    os.remove(out / "part-u1.parquet")
+    assert not sink.is_done("u1") and sink.done() == set()
 
 
-def test_clean_orphans_removes_only_old_temporaries(tmp_path):
-    out = str(tmp_path)
-    commit_unit(out, "u1", _table([1]), _stats(1))
-    old, new = tmp_path / ".part-u2.aaaa.tmp", tmp_path / ".part-u3.bbbb.tmp"
-    old_marker = tmp_path / "_po_batch" / "done" / ".u2.json.cccc.tmp"
-    unmarked = tmp_path / "part-u4.parquet"  # renamed, marker not yet written
-    claims = tmp_path / "_po_batch" / "claims"
+def test_commit_of_a_unit_whose_claim_was_taken_over_is_refused(out, plan):
+    """A worker suspended past the ttl must not re-commit a unit that another worker took over (and finished)."""
+    store = LocalStore(out)
+    slow, fast = Claims(store, "slow", plan.epoch, ttl_s=60), Claims(store, "fast", plan.epoch, ttl_s=60)
+    assert slow.try_claim("u1")
+    old = time.time() - 120
+    os.utime(out / "_po_batch" / "claims" / "u1.claim", (old, old))
+    assert fast.try_claim("u1")
+    Sink(store, plan, fast).commit("u1", _table([1, 2]), _stats(2))
+    before = (out / "part-u1.parquet").read_bytes(), (out / "_po_batch" / "done" / "u1.json").read_text()
+    with pytest.raises(LostUnit) as e:
+        Sink(store, plan, slow).commit("u1", _table([7, 8]), _stats(2))
+    assert e.value.reason == "claim" and str(e.value).startswith("unit u1 was not committed: its claim was taken")
+    assert ((out / "part-u1.parquet").read_bytes(), (out / "_po_batch" / "done" / "u1.json").read_text()) == before
+    assert [n for n in os.listdir(out) if n.startswith(".")] == []
+
+
+def test_commit_under_a_replaced_plan_is_refused_and_its_markers_do_not_count(tmp_path, out, plan):
+    store = LocalStore(out)
+    old = Sink(store, plan)
+    old.commit("u1", _table([1]), _stats(1))
+    new_plan = load_or_create_plan(store, [str(tmp_path / "in")], 10, {}, restart=True)
+    with pytest.raises(LostUnit) as e:
+        old.commit("u2", _table([2]), _stats(1))
+    assert e.value.reason == "epoch"
+    assert not (out / "part-u2.parquet").exists()
+    # a marker that an old worker got in anyway (stopped right at its commit) is not done in the new plan
+    new = Sink(store, new_plan)
+    new.commit("u3", _table([3]), _stats(1))
+    marker = {"unit": "u1", "epoch": plan.epoch, **_stats(1)}
+    (out / "_po_batch" / "done" / "u1.json").write_text(json.dumps(marker))
+    pq.write_table(_table([1]), out / "part-u1.parquet")
+    assert not new.is_done("u1") and new.done() == {"u3"}
+    assert scan(store, new_plan.epoch).other_epoch == ["u1"]
+
+
+def test_failure_record_is_not_done_and_a_commit_removes_it(out, plan):
+    store = LocalStore(out)
+    sink = Sink(store, plan)
+    sink.mark_failed("u1", "cannot read unit u1 (rows 0-10 of a.parquet): OSError: Corrupt snappy data", "w")
+    assert not sink.is_done("u1")
+    assert scan(store, plan.epoch).failed == {"u1": "cannot read unit u1 (rows 0-10 of a.parquet): OSError: "
+                                                    "Corrupt snappy data"}
+    sink.commit("u1", _table([1]), _stats(1))
+    assert scan(store, plan.epoch).failed == {} and sink.is_done("u1")
+    assert os.listdir(out / "_po_batch" / "failed") == []
+
+
+def test_clean_orphans_removes_only_old_temporaries(out, plan):
+    sink = Sink(LocalStore(out), plan)
+    sink.commit("u1", _table([1]), _stats(1))
+    old, new = out / ".part-u2.parquet.aaaaaaaaaaaa.tmp", out / ".part-u3.parquet.bbbbbbbbbbbb.tmp"
+    old_marker = out / "_po_batch" / "done" / ".u2.json.cccccccccccc.tmp"
+    unmarked = out / "part-u4.parquet"  # renamed, marker not yet written
+    users = out / ".my.bad.tmp"  # not a name po-batch makes
+    claims = out / "_po_batch" / "claims"
     claims.mkdir()
-    tomb, claim = claims / "u5.claim.0a1b2c.tomb", claims / "u6.claim"  # a takeover killed mid-way; a live claim
-    for p in (old, new, old_marker, unmarked, tomb, claim):
+    tomb, claim = claims / "u5.claim.0a1b2c3d4e5f.tomb", claims / "u6.claim"  # a takeover killed mid-way; a live one
+    for p in (old, new, old_marker, unmarked, users, tomb, claim):
         p.write_bytes(b"x")
     two_hours_ago = time.time() - 7200
-    for p in (old, old_marker, unmarked, tomb, claim):
+    for p in (old, old_marker, unmarked, users, tomb, claim):
         os.utime(p, (two_hours_ago, two_hours_ago))
-    clean_orphans(out)
+    clean_orphans(LocalStore(out))
     assert os.listdir(claims) == ["u6.claim"]  # stale claims are taken over, not deleted here
-    assert sorted(os.listdir(out)) == [".part-u3.bbbb.tmp", "_po_batch", "part-u1.parquet", "part-u4.parquet"]
-    assert os.listdir(tmp_path / "_po_batch" / "done") == ["u1.json"]
-    assert is_done(out, "u1")
+    assert sorted(os.listdir(out)) == [".my.bad.tmp", ".part-u3.parquet.bbbbbbbbbbbb.tmp", "_po_batch",
+                                       "part-u1.parquet", "part-u4.parquet"]
+    assert os.listdir(out / "_po_batch" / "done") == ["u1.json"]
+    assert sink.is_done("u1")

@@ -163,8 +163,9 @@ def markers(out: Path) -> dict[str, dict]:
 def plan_units(out: Path) -> dict[str, int]:
     """unit id -> rows, from the output's plan."""
     from po_batch.data.plan import plan_from_doc, read_plan_doc
+    from po_batch.data.store import LocalStore
 
-    return {u.id: u.rows for u in plan_from_doc(read_plan_doc(str(out))).units}
+    return {u.id: u.rows for u in plan_from_doc(read_plan_doc(LocalStore(out))).units}
 
 
 def claim_files(out: Path) -> list[str]:
@@ -347,7 +348,7 @@ def test_resume_after_sigkill_writes_each_row_once_with_identical_scores(corpus,
         assert len(killed) >= 3, f"only {len(killed)} kills landed (seed {seed})"
         # Claims of the killed runs are left, seconds old (ttl is 300 s): that the next run still finishes every
         # unit shows it takes over a claim of a dead pid on this host at once.
-        left = [(out / "_po_batch" / "claims" / name).read_text() for name in claim_files(out)]
+        left = [json.loads((out / "_po_batch" / "claims" / name).read_text())["owner"] for name in claim_files(out)]
         assert left, "the killed runs left no claims: the kills did not land mid-unit"
         assert {int(owner.split(":")[1]) for owner in left} <= killed
         code, err = run(cfg)

@@ -1,104 +1,115 @@
-"""Workers claim units by atomically creating OUT/_po_batch/claims/{unit}.claim; claims not refreshed within ttl expire.
+"""Workers claim units by atomically creating _po_batch/claims/{unit}.claim, naming the owner and the plan epoch;
+claims not refreshed within ttl expire.
 
-Claims only avoid duplicate work: exactly-once output comes from the sink's deterministic part names,
-so a unit that two workers both ran (after a clock jump, a suspended worker) is still written once.
+Claims avoid duplicate work, and the sink commits a unit only while its worker still holds the claim, so a worker
+suspended past the ttl cannot commit over the worker that took its unit over. Exactly-once output itself comes
+from the sink's deterministic part names.
 """
 
+import json
 import os
 import secrets
 import socket
 import threading
 import time
+from functools import cache
 
-from po_batch.data.plan import claims_dir
-from po_batch.data.sink import is_done
+from po_batch.data.layout import CLAIMS_DIR, claim_name
+from po_batch.data.markers import is_done
+from po_batch.data.store import Entry, Store
+
+# A claim that does not parse is one being written, or one a full disk left empty: stale after this long
+# (or the ttl, if shorter), not only after the ttl.
+UNREADABLE_GRACE_S = 30.0
+
+
+@cache
+def _machine() -> tuple[str, str]:
+    """This kernel's boot id and this process's PID namespace: a pid means a process only within both."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+    except OSError:
+        boot = "-"
+    try:
+        ns = str(os.stat("/proc/self/ns/pid").st_ino)
+    except OSError:
+        ns = "-"
+    return boot, ns
 
 
 def default_owner() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+    """host:pid:boot id:PID namespace:random; the random part tells apart two runs of one pid (pid reuse)."""
+    return ":".join([socket.gethostname(), str(os.getpid()), *_machine(), secrets.token_hex(4)])
+
+
+def owner_dead(owner: str) -> bool:
+    """Provably dead: its pid is gone from this host, this boot and this PID namespace. An owner elsewhere (another
+    machine, a container with its own PID namespace and the host's name) is never judged from here."""
+    try:
+        host, pid, boot, ns, _ = owner.split(":")
+        pid = int(pid)
+    except ValueError:
+        return False
+    if (host, boot, ns) != (socket.gethostname(), *_machine()) or pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, owned by another user
+        pass
+    return False
+
+
+def claim_state(raw: bytes, entry: Entry, epoch: str, ttl_s: float, now: float) -> str:
+    """'live', 'dead' (its owner provably died) or 'expired' (not heartbeated within ttl, unreadable past the grace
+    period, or made for a replaced plan)."""
+    age = now - entry.mtime
+    try:
+        doc = json.loads(raw)
+        owner, claim_epoch = doc["owner"], doc["epoch"]
+    except (ValueError, TypeError, KeyError):
+        return "expired" if age > min(UNREADABLE_GRACE_S, ttl_s) else "live"
+    if claim_epoch != epoch or age > ttl_s:
+        return "expired"
+    return "dead" if owner_dead(owner) else "live"
 
 
 class Claims:
-    def __init__(self, out_dir: str, owner: str, ttl_s: float = 300.0):
-        self.dir = claims_dir(out_dir)
-        self.owner = owner
-        self.ttl_s = ttl_s
+    def __init__(self, store: Store, owner: str, epoch: str, ttl_s: float = 300.0):
+        self.store, self.owner, self.epoch, self.ttl_s = store, owner, epoch, ttl_s
+        self._doc = json.dumps({"owner": owner, "epoch": epoch}, separators=(",", ":")).encode()
         self._held: set[str] = set()
         self._lock = threading.Lock()  # _held is shared with the heartbeat thread
         self._stop: threading.Event | None = None
         self._thread: threading.Thread | None = None
-        os.makedirs(self.dir, exist_ok=True)
 
-    def _path(self, unit_id: str) -> str:
-        return os.path.join(self.dir, f"{unit_id}.claim")
-
-    def _create(self, unit_id: str) -> bool:
-        try:
-            fd = os.open(self._path(unit_id), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            return False
-        with os.fdopen(fd, "w") as f:
-            f.write(self.owner)
+    def _hold(self, unit_id: str) -> bool:
         with self._lock:
             self._held.add(unit_id)
         return True
 
     def try_claim(self, unit_id: str) -> bool:
-        if self._create(unit_id):
-            return True
-        path = self._path(unit_id)
-        try:
-            st = os.stat(path)
-        except FileNotFoundError:  # released or taken over meanwhile: not ours to grab now
+        name = claim_name(unit_id)
+        if self.store.create(name, self._doc):
+            return self._hold(unit_id)
+        entry = self.store.stat(name)
+        if entry is None:  # released or taken over meanwhile: not ours to grab now
             return False
-        if not self._stale(path, st):
-            return False
-        # Only one process can rename the stale file away. A slower one may instead rename the fresh
-        # claim the winner just made, so check what we got and give it back if it is not the stale one.
-        tomb = f"{path}.{secrets.token_hex(6)}.tomb"
         try:
-            os.rename(path, tomb)
+            raw = self.store.read(name)
         except FileNotFoundError:
             return False
-        try:
-            got = os.stat(tomb)
-            if got.st_ino != st.st_ino or not self._stale(tomb, got):
-                try:
-                    os.link(tomb, path)  # never overwrites a claim made in between
-                except FileExistsError:
-                    pass
-                os.remove(tomb)
-                return False
-            os.remove(tomb)
-        except FileNotFoundError:  # swept by clean_orphans (it was old): leave the unit to a later try
+        # replace_if fails if the claim changed since the stat (a heartbeat, another takeover)
+        if claim_state(raw, entry, self.epoch, self.ttl_s, time.time()) == "live":
             return False
-        return self._create(unit_id)
-
-    def _stale(self, path: str, st: os.stat_result) -> bool:
-        """Not heartbeated within ttl, or held by a process of this host that no longer exists (a SIGKILLed
-        worker's claim is taken over at once by the next run on the same machine, without waiting for ttl)."""
-        if time.time() - st.st_mtime > self.ttl_s:
-            return True
-        try:
-            with open(path) as f:
-                host, pid, _ = f.read().split(":")
-        except (OSError, ValueError):
-            return False
-        if host != socket.gethostname() or int(pid) == os.getpid():
-            return False
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            return True
-        except PermissionError:  # alive, owned by another user
-            pass
-        return False
+        return self.store.replace_if(name, entry.version, self._doc) and self._hold(unit_id)
 
     def holds(self, unit_id: str) -> bool:
-        """Whether the claim file still names this owner (false once another worker took it over)."""
+        """Whether the claim file still names this owner and epoch (false once another worker took it over)."""
         try:
-            with open(self._path(unit_id)) as f:
-                return f.read() == self.owner
+            return self.store.read(claim_name(unit_id)) == self._doc
         except FileNotFoundError:
             return False
 
@@ -107,19 +118,13 @@ class Claims:
             held = list(self._held)
         for unit_id in held:
             if self.holds(unit_id):
-                try:
-                    os.utime(self._path(unit_id))
-                except FileNotFoundError:
-                    pass
+                self.store.touch(claim_name(unit_id))
 
     def release(self, unit_id: str) -> None:
         with self._lock:
             self._held.discard(unit_id)
         if self.holds(unit_id):
-            try:
-                os.remove(self._path(unit_id))
-            except FileNotFoundError:
-                pass
+            self.store.delete(claim_name(unit_id))
 
     def release_all(self) -> None:
         with self._lock:
@@ -145,34 +150,23 @@ class Claims:
             self._thread = None
 
 
-def drop_done_claims(out_dir: str) -> None:
+def drop_done_claims(store: Store, epoch: str) -> None:
     """Remove claims on committed units: a worker killed between its commit and its release leaves one behind,
     and no later run visits a done unit to take it over. A live owner does not mind: its release finds nothing."""
-    try:
-        names = os.listdir(claims_dir(out_dir))
-    except FileNotFoundError:
-        return
-    for name in names:
-        if name.endswith(".claim") and is_done(out_dir, name.removesuffix(".claim")):
-            try:
-                os.remove(os.path.join(claims_dir(out_dir), name))
-            except FileNotFoundError:
-                pass
+    for name in store.names(CLAIMS_DIR):
+        if name.endswith(".claim") and is_done(store, name.removesuffix(".claim"), epoch):
+            store.delete(f"{CLAIMS_DIR}/{name}")
 
 
-def claimed_units(out_dir: str, ttl_s: float) -> set[str]:
-    """Units whose claim was refreshed within ttl_s."""
-    try:
-        entries = list(os.scandir(claims_dir(out_dir)))
-    except FileNotFoundError:
-        return set()
-    now, live = time.time(), set()
-    for e in entries:
-        if not e.name.endswith(".claim"):
+def claim_states(store: Store, epoch: str, ttl_s: float) -> dict[str, str]:
+    """unit -> claim_state of every claim."""
+    now, states = time.time(), {}
+    for entry in store.list(CLAIMS_DIR):
+        if not entry.name.endswith(".claim"):
             continue
+        unit_id = entry.name.removesuffix(".claim")
         try:
-            if now - e.stat().st_mtime <= ttl_s:
-                live.add(e.name.removesuffix(".claim"))
+            states[unit_id] = claim_state(store.read(claim_name(unit_id)), entry, epoch, ttl_s, now)
         except FileNotFoundError:
             pass
-    return live
+    return states

@@ -6,11 +6,33 @@ from collections.abc import Iterator
 
 import pyarrow as pa
 
-from po_batch.data.plan import PlanError, Unit, open_parquet
+from po_batch.data.errors import PlanError
+from po_batch.data.inputs import open_parquet
+from po_batch.data.plan import Unit
+
+
+class UnitReadError(Exception):
+    """The unit's rows cannot be read (a corrupt page, a truncated or vanished file): the unit fails, the others
+    go on. str() is one line naming the file and the unit."""
+
+    def __init__(self, unit: Unit, reason: str):
+        super().__init__(f"cannot read unit {unit.id} (rows {unit.row_start}-{unit.row_stop} of {unit.file}): "
+                         f"{reason}")
+        self.unit, self.reason = unit, reason
 
 
 def read_unit(unit: Unit, columns: list[str], batch_rows: int = 256) -> Iterator[pa.RecordBatch]:
-    """Batches holding exactly rows [row_start, row_stop) of the unit's file, reading only the row groups they touch."""
+    """Batches holding exactly rows [row_start, row_stop) of the unit's file, reading only the row groups they touch.
+
+    Raises UnitReadError when the file cannot be read, and PlanError when it no longer fits the plan (a column
+    is missing, rows are missing)."""
+    try:
+        yield from _read(unit, columns, batch_rows)
+    except (OSError, pa.ArrowException) as e:
+        raise UnitReadError(unit, f"{type(e).__name__}: {e}") from e
+
+
+def _read(unit: Unit, columns: list[str], batch_rows: int) -> Iterator[pa.RecordBatch]:
     with open_parquet(unit.file) as pf:
         names = pf.schema_arrow.names
         for c in columns:

@@ -1,97 +1,87 @@
 """One Parquet part per unit, committed atomically under a deterministic name, then the unit's done marker.
 
-Readers of pyarrow.dataset.dataset(OUT) see only whole parts: temporary files start with '.' and state
-lives in '_po_batch/', both of which pyarrow skips. A rerun of a unit replaces its part, so each row
-appears once whatever crashed where.
+Readers of pyarrow.dataset.dataset(OUT) see only whole parts: a part becomes visible at once (the store's writer
+commits it), and state lives in '_po_batch/', which pyarrow skips. A rerun of a unit replaces its part, so each
+row appears once whatever crashed where; a worker that lost its claim or whose plan was replaced commits nothing.
 """
 
-import json
-import os
 import time
-import uuid
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from po_batch.data.plan import claims_dir, fsync_dir, state_dir, write_json_atomic
+from po_batch.data.claims import Claims
+from po_batch.data.layout import CLAIMS_DIR, DONE_DIR, FAILED_DIR, STATE_DIR, part_name
+from po_batch.data.markers import is_done, mark_failed, scan, write_marker
+from po_batch.data.plan import Plan
+from po_batch.data.planfile import EpochWatch
+from po_batch.data.schema import cast_to
+from po_batch.data.store import Store
 
 ORPHAN_AGE_S = 3600.0
 
 
-def part_path(out_dir: str, unit_id: str) -> str:
-    return os.path.join(out_dir, f"part-{unit_id}.parquet")
+class LostUnit(Exception):
+    """This worker may no longer commit the unit: reason 'claim' (another worker took the claim over) or 'epoch'
+    (the plan was replaced, by --restart or a changed config)."""
+
+    def __init__(self, unit_id: str, reason: str):
+        why = {"claim": "its claim was taken over by another worker",
+               "epoch": "the output's plan was replaced (--restart or a changed config) by another run"}[reason]
+        super().__init__(f"unit {unit_id} was not committed: {why}")
+        self.unit_id, self.reason = unit_id, reason
 
 
-def _marker_dir(out_dir: str) -> str:
-    return os.path.join(state_dir(out_dir), "done")
+class Sink:
+    """Commits the units of one plan epoch; with claims, only units this worker still holds."""
 
+    def __init__(self, store: Store, plan: Plan, claims: Claims | None = None):
+        self.store, self.epoch, self.schema, self.claims = store, plan.epoch, plan.schema, claims
+        self.watch = EpochWatch(store, plan.epoch)
 
-def _marker_path(out_dir: str, unit_id: str) -> str:
-    return os.path.join(_marker_dir(out_dir), f"{unit_id}.json")
+    def _check(self, unit_id: str) -> None:
+        if not self.watch.current():
+            raise LostUnit(unit_id, "epoch")
+        if self.claims is not None and not self.claims.holds(unit_id):
+            raise LostUnit(unit_id, "claim")
 
-
-def commit_unit(out_dir: str, unit_id: str, table: pa.Table, stats: dict) -> None:
-    """Write the unit's part durably, then its done marker holding stats.
-
-    stats: rows, errors, error_kinds {kind: count}, started_at and finished_at (epoch seconds), owner.
-    """
-    tmp = os.path.join(out_dir, f".part-{unit_id}.{uuid.uuid4().hex[:12]}.tmp")
-    try:
-        pq.write_table(table, tmp)
-        fd = os.open(tmp, os.O_RDONLY)
+    def commit(self, unit_id: str, table: pa.Table, stats: dict) -> None:
+        """Write the unit's part durably, then its done marker holding stats (see markers.write_marker); raises
+        LostUnit, having committed nothing, if the unit is no longer this worker's."""
+        if self.schema is not None:
+            table = cast_to(table, self.schema)
+        with self.store.open_writer(part_name(unit_id)) as w:
+            pq.write_table(table, w.file)
+            w.commit(lambda: self._check(unit_id))
         try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, part_path(out_dir, unit_id))
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    fsync_dir(out_dir)  # the rename must be on disk before the marker claims it
-    write_json_atomic(_marker_path(out_dir, unit_id), {"unit": unit_id, **stats})
+            self._check(unit_id)
+        except LostUnit:
+            # Stopped between the check and the publish (SIGSTOP), this worker may have replaced the part of the
+            # unit's new owner: remove it, so that the unit is redone rather than done with this worker's rows.
+            self.store.delete(part_name(unit_id))
+            raise
+        write_marker(self.store, unit_id, self.epoch, stats)
+
+    def mark_failed(self, unit_id: str, reason: str, owner: str) -> None:
+        """Record that the unit could not be done (e.g. parquet.UnitReadError); status shows the reason, a later
+        run retries the unit, and its commit removes the record."""
+        mark_failed(self.store, unit_id, self.epoch, reason, owner)
+
+    def is_done(self, unit_id: str) -> bool:
+        return is_done(self.store, unit_id, self.epoch)
+
+    def done(self) -> set[str]:
+        """The units done in this epoch, from the done index (cheap at any size)."""
+        return scan(self.store, self.epoch).done
 
 
-def is_done(out_dir: str, unit_id: str) -> bool:
-    # a marker whose part was deleted by hand does not count: the unit gets redone
-    return os.path.exists(_marker_path(out_dir, unit_id)) and os.path.exists(part_path(out_dir, unit_id))
+def clean_orphans(store: Store) -> None:
+    """Remove temporaries that crashed writers and claim takeovers left more than an hour ago.
 
-
-def done_units(out_dir: str) -> dict[str, dict]:
-    """unit_id -> marker contents, for units whose marker and part both exist."""
-    try:
-        names = os.listdir(_marker_dir(out_dir))
-    except FileNotFoundError:
-        return {}
-    parts = {n for n in os.listdir(out_dir) if n.startswith("part-")}
-    done = {}
-    for name in names:
-        unit_id = name.removesuffix(".json")
-        if name.startswith(".") or f"part-{unit_id}.parquet" not in parts:
-            continue
-        with open(os.path.join(_marker_dir(out_dir), name)) as f:
-            done[unit_id] = json.load(f)
-    return done
-
-
-def clean_orphans(out_dir: str) -> None:
-    """Remove temporary files that crashed writers (and claim takeovers) left more than an hour ago.
-
-    Parts without a marker stay: their data is whole (the rename is atomic), the unit's rerun
-    replaces them, and deleting one could race a writer suspended between rename and marker
-    (Slurm suspends jobs with SIGSTOP), leaving a marker with no part.
+    Parts without a marker stay: their data is whole (the commit is atomic), the unit's rerun replaces them,
+    and deleting one could race a writer suspended between publishing it and its marker (Slurm suspends jobs
+    with SIGSTOP), leaving a marker with no part.
     """
     cutoff = time.time() - ORPHAN_AGE_S
-    for folder, prefix, suffix in ((out_dir, ".part-", ".tmp"), (_marker_dir(out_dir), ".", ".tmp"),
-                                   (claims_dir(out_dir), "", ".tomb")):
-        try:
-            entries = list(os.scandir(folder))
-        except FileNotFoundError:
-            continue
-        for e in entries:
-            if e.name.startswith(prefix) and e.name.endswith(suffix):
-                try:
-                    if e.stat().st_mtime < cutoff:
-                        os.remove(e.path)
-                except FileNotFoundError:
-                    pass
+    for folder in ("", STATE_DIR, DONE_DIR, CLAIMS_DIR, FAILED_DIR):
+        store.sweep(folder, cutoff)
