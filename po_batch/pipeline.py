@@ -1,7 +1,9 @@
 """Wires the stages of `po-batch run`: plan -> claim -> read -> prep pool -> engine -> sink, with progress and signals.
 
 The main thread scores; the prep pool's feeder thread reads and claims units just ahead of it; a writer thread
-commits finished units. SIGTERM/SIGINT/SIGUSR1 stop claiming, let claimed units finish and commit, and exit 3."""
+commits finished units. SIGTERM/SIGINT/SIGUSR1 stop claiming, let claimed units finish and commit, and exit 3;
+a second signal exits at once. A unit that cannot be read fails alone (exit 1 at the end); a commit that fails
+(a full disk) stops the run at once (exit 1)."""
 
 import collections
 import os
@@ -16,7 +18,7 @@ import pyarrow as pa
 
 from po_batch.config import Config, resolved_device, resolved_dtype, workers_count
 from po_batch.data.claims import Claims, default_owner, drop_done_claims
-from po_batch.data.parquet import check_unique_ids, read_unit, resolve_path
+from po_batch.data.parquet import UnitReadError, check_unique_ids, read_unit, resolve_path
 from po_batch.data.plan import Plan, Unit, load_or_create_plan
 from po_batch.data.schema import Columns
 from po_batch.data.sink import LostUnit, Sink, clean_orphans
@@ -25,7 +27,9 @@ from po_batch.prep.pool import PrepPool, RowError
 from po_batch.progress import Progress, plural
 from po_batch.spec import Spec, open_spec
 
-EXIT_DONE, EXIT_FAILED, EXIT_USAGE, EXIT_STOPPED = 0, 1, 2, 3
+# 4: this worker's slice is not all done, but nothing is left for it: other workers hold the rest (live claims,
+# or claims that have not expired yet); a later run takes over whatever they leave.
+EXIT_DONE, EXIT_FAILED, EXIT_USAGE, EXIT_STOPPED, EXIT_OTHERS = 0, 1, 2, 3, 4
 # Batches queued on the device before the scoring thread waits for the oldest: two, so that a moment of
 # slow prep (or a unit boundary) never leaves the device idle.
 QUEUE_DEPTH = 2
@@ -41,6 +45,7 @@ class UnitState:
     errors: list[str | None] = field(default_factory=list)
     kinds: collections.Counter = field(default_factory=collections.Counter)
     left: int = 0
+    failed: str | None = None  # why the unit could not be read: its rows in flight are dropped, nothing commits
 
     def __post_init__(self):
         self.readout = np.full((self.unit.rows, *self.readout_shape), np.nan, dtype=np.float32)
@@ -73,6 +78,7 @@ class Runner:
         self.commits = []
         self.inflight = collections.deque()  # (engine handle, its rows) of the batches on the device
         self.left = 0  # units of this worker's slice not yet done when it finished
+        self.progress_at = time.monotonic()  # last row prepared or scored: the claims' heartbeat stops without
 
     # --- reading (runs in the prep pool's reader thread) ---------------------------------------
 
@@ -94,18 +100,34 @@ class Runner:
                 self.claims and self.claims.release(unit.id)
                 continue
             st = UnitState(unit, time.time(), (self.spec.tasks.reads, self.spec.tasks.width))
-            ids = []
-            for batch in read_unit(unit, columns):
-                st.pieces.append(batch.select([inp.id_column, *inp.columns]))
-                ids.extend(batch.column(inp.id_column).to_pylist())
-                check_unique_ids(ids, unit, inp.id_column)
-                fields = {c: batch.column(c).to_pylist() for c in [inp.id_column, *inp.columns]}
-                images = batch.column(inp.image_column).to_pylist() if inp.image_column else [None] * batch.num_rows
-                base = len(ids) - batch.num_rows
-                for j, image in enumerate(images):
-                    if isinstance(image, str):
-                        image = resolve_path(image, unit.file)
-                    yield (st, base + j), (image, {c: v[j] for c, v in fields.items()})
+            ids = []  # the rows read so far: a read error after the last one fails nothing
+            try:
+                for batch in read_unit(unit, columns):
+                    st.pieces.append(batch.select([inp.id_column, *inp.columns]))
+                    ids.extend(batch.column(inp.id_column).to_pylist())
+                    check_unique_ids(ids, unit, inp.id_column)
+                    fields = {c: batch.column(c).to_pylist() for c in [inp.id_column, *inp.columns]}
+                    images = (batch.column(inp.image_column).to_pylist() if inp.image_column
+                              else [None] * batch.num_rows)
+                    base = len(ids) - batch.num_rows
+                    for j, image in enumerate(images):
+                        if isinstance(image, str):
+                            image = resolve_path(image, unit.file)
+                        yield (st, base + j), (image, {c: v[j] for c, v in fields.items()})
+            except UnitReadError as e:
+                if len(ids) < unit.rows:
+                    self.fail_unit(st, str(e))
+
+    def fail_unit(self, st: UnitState, reason: str) -> None:
+        """The unit's rows cannot all be read: record why (status shows it, a later run retries the unit), give
+        the claim back and go on with the other units; the rows already in flight are scored and dropped."""
+        st.failed = reason
+        self.sink.mark_failed(st.unit.id, reason, self.owner)
+        if self.claims:
+            self.claims.release(st.unit.id)
+        self.stats.failed_units += 1
+        print(f"po-batch: {reason}; the other units go on, a later run retries this one", file=sys.stderr,
+              flush=True)
 
     # --- scoring (main thread) -------------------------------------------------------------------
 
@@ -114,13 +136,17 @@ class Runner:
                         row_timeout=self.cfg.run.row_timeout_s)
         pending, tokens = [], 0
         if self.claims:
-            self.claims.start_heartbeat(max(1.0, self.cfg.run.claim_ttl_s / 10))
+            stall_s = self.cfg.run.claim_ttl_s / 2
+            self.claims.start_heartbeat(max(1.0, self.cfg.run.claim_ttl_s / 10),
+                                        alive=lambda: time.monotonic() - self.progress_at < stall_s)
         try:
             results = pool.map(self.rows())
             while True:
                 t = time.perf_counter()
                 item = next(results, None)
                 self.stats.wait_prep_s += time.perf_counter() - t
+                self.progress_at = time.monotonic()
+                self.check_commits()
                 if item is None:
                     break
                 (st, i), result = item
@@ -139,8 +165,7 @@ class Runner:
                 tokens += result.tokens
             self.score(pending, progress)
             self.settle(progress, keep=0)
-            for f in self.commits:
-                f.result()
+            self.check_commits(wait=True)
         finally:
             pool.close()
             self.writer.shutdown(wait=True)
@@ -148,9 +173,21 @@ class Runner:
                 self.claims.stop_heartbeat()
                 self.claims.release_all()
         self.left = len(self.candidates())
-        if self.replaced:
+        if self.replaced or self.stats.failed_units:
             return EXIT_FAILED
-        return EXIT_STOPPED if self.stopping and self.left else EXIT_DONE
+        if self.left:
+            return EXIT_STOPPED if self.stopping else EXIT_OTHERS
+        return EXIT_DONE
+
+    def check_commits(self, wait: bool = False) -> None:
+        """Re-raise the first commit that failed (a full disk, a lost mount), at once rather than at the end."""
+        keep = []
+        for f in self.commits:
+            if wait or f.done():
+                f.result()
+            else:
+                keep.append(f)
+        self.commits = keep
 
     def score(self, pending, progress: Progress) -> None:
         """Queue `pending` on the device, then collect the oldest batches beyond QUEUE_DEPTH: the device always
@@ -167,6 +204,7 @@ class Runner:
             t = time.perf_counter()
             readouts = handle.result()
             self.stats.wait_device_s += time.perf_counter() - t
+            self.progress_at = time.monotonic()
             for (st, i, _), readout in zip(rows, readouts):
                 st.readout[i] = readout
             self.finish_rows([(st, i) for st, i, _ in rows], progress)
@@ -176,7 +214,7 @@ class Runner:
         for st, i in done:
             st.left -= 1
             errors += st.errors[i] is not None
-            if st.left == 0:
+            if st.left == 0 and st.failed is None:
                 self.commits.append(self.writer.submit(self.commit, st))
         self.stats.rows += len(done)
         progress.advance(len(done), errors)
@@ -205,7 +243,31 @@ class Runner:
 def run(cfg: Config, restart: bool = False, shard: tuple[int, int] | None = None, stats: RunStats | None = None,
         config_path: str = "a config built in code") -> int:
     """`po-batch run`: plan or resume, score every unclaimed unit, commit each; returns the exit code.
-    `stats`, when given, is filled in as the run goes (benchmarks read it); `config_path` names the run in its log."""
+    `stats`, when given, is filled in as the run goes (benchmarks read it); `config_path` names the run in its log.
+    Signals are handled from the start: one during planning or the model's load stops the run before it claims."""
+    signals = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+    previous = {s: signal.getsignal(s) for s in signals}
+    state = {"runner": None, "progress": None, "stop": None}
+
+    def on_signal(signum, _frame):
+        if state["stop"] is not None:
+            os._exit(128 + signum)  # a second signal aborts at once; our claims expire (or are seen dead) later
+        state["stop"] = signal.Signals(signum).name
+        if state["runner"] is not None:
+            state["runner"].stopping = True
+        if state["progress"] is not None:
+            state["progress"].note(f"{state['stop']}: finishing claimed units, then stopping")
+
+    for s in signals:
+        signal.signal(s, on_signal)
+    try:
+        return _run(cfg, restart, shard, stats, config_path, state)
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def _run(cfg: Config, restart, shard, stats, config_path: str, state: dict) -> int:
     import torch
 
     device = resolved_device(cfg, torch.cuda.is_available())
@@ -216,7 +278,8 @@ def run(cfg: Config, restart: bool = False, shard: tuple[int, int] | None = None
     plan = load_or_create_plan(store, cfg.input.paths, cfg.run.rows_per_unit, spec.fingerprint(), restart, columns)
     clean_orphans(store)
     drop_done_claims(store, plan.epoch)
-    runner = Runner(spec, None, store, plan, shard)
+    runner = state["runner"] = Runner(spec, None, store, plan, shard)
+    runner.stopping = state["stop"] is not None
     if stats is not None:
         runner.stats = stats
     for path, why in plan.unreadable.items():
@@ -225,29 +288,23 @@ def run(cfg: Config, restart: bool = False, shard: tuple[int, int] | None = None
     if not todo:
         print(f"nothing to do: every unit of {cfg.output.path} is done ({plural(len(plan.units), 'unit')})")
         return EXIT_FAILED if plan.unreadable else EXIT_DONE
-    progress = Progress(len(todo), sum(u.rows for u in todo), cfg.run.log_every_s)
+    progress = state["progress"] = Progress(len(todo), sum(u.rows for u in todo), cfg.run.log_every_s)
     progress.announce(config_path, cfg.output.path, f"{device} ({dtype})", spec.workers)
     runner.engine = spec.load_engine()
+    if state["stop"] is not None:
+        progress.note(f"{state['stop']} before the first unit: stopping")
+        return EXIT_STOPPED
     progress.begin()
-    previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)}
-
-    def on_signal(signum, _frame):
-        if runner.stopping and signum == signal.SIGINT:
-            os._exit(130)  # a second Ctrl-C aborts at once; our claims expire (or are seen dead) later
-        runner.stopping = True
-        progress.note(f"{signal.Signals(signum).name}: finishing claimed units, then stopping")
-
-    for s in previous:
-        signal.signal(s, on_signal)
     started = time.time()
     try:
         code = runner.run(progress)
-    finally:
+    except Exception:  # what was committed stays; say how far the run got before the error is reported
         progress.close()
-        for s, h in previous.items():
-            signal.signal(s, h)
+        progress.summary(runner.stats, time.time() - started, cfg.output.path, EXIT_FAILED)
+        raise
+    progress.close()
     progress.summary(runner.stats, time.time() - started, cfg.output.path, code)
-    if code == EXIT_DONE and runner.left:
-        progress.note(f"{plural(runner.left, 'unit')} left to the other workers that claimed them; a later run "
-                      f"takes over any they do not commit")
-    return EXIT_FAILED if code == EXIT_DONE and plan.unreadable else code
+    if code == EXIT_OTHERS:
+        progress.note(f"{plural(runner.left, 'unit')} left to the other workers that claimed them (exit 4); a later "
+                      f"run takes over any they do not commit")
+    return EXIT_FAILED if code in (EXIT_DONE, EXIT_OTHERS) and plan.unreadable else code

@@ -77,7 +77,8 @@ class Progress:
     def summary(self, stats, wall_s: float, out: str, code: int) -> None:
         errored = sum(stats.errors.values())
         kinds = ", ".join(f"{k} {n}" for k, n in stats.errors.most_common())
-        state = {0: "done", 3: "stopped by a signal (rerun to resume)"}.get(code, "failed")
+        state = {0: "done", 3: "stopped by a signal (rerun to resume)",
+                 4: "done here, other workers hold the rest"}.get(code, "failed")
         self.note(f"run {state}: {plural(stats.units, 'unit')} committed, {plural(stats.failed_units, 'unit')} "
                   f"failed; {plural(stats.rows - errored, 'row')} scored, {plural(errored, 'row error')}"
                   + (f" ({kinds})" if kinds else ""))

@@ -394,8 +394,8 @@ def test_two_concurrent_runs_share_the_units_and_commit_each_once(corpus, tiny_q
         lock.close()
         for p in procs:
             kill_group(p)
-    for code, err in results:
-        assert code == 0, err
+    # the first to finish may find the other's last unit still claimed: exit 4, done here, others hold the rest
+    assert sorted(code for code, _ in results) in ([0, 0], [0, 4]), results
     units = plan_units(out)
     done = markers(out)
     assert set(done) == set(units) == parts(out)

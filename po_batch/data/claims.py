@@ -132,13 +132,16 @@ class Claims:
         for unit_id in held:
             self.release(unit_id)
 
-    def start_heartbeat(self, interval_s: float) -> None:
+    def start_heartbeat(self, interval_s: float, alive=None) -> None:
+        """Refresh the held claims every interval_s while `alive()` says the worker makes progress: a stalled
+        worker (a hung read, a stuck decode) stops heartbeating, so its claims expire and others take them."""
         self.stop_heartbeat()
         stop = self._stop = threading.Event()
 
         def beat():
             while not stop.wait(interval_s):
-                self.heartbeat()
+                if alive is None or alive():
+                    self.heartbeat()
 
         self._thread = threading.Thread(target=beat, name="po-batch-claims-heartbeat", daemon=True)
         self._thread.start()

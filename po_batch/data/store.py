@@ -161,7 +161,10 @@ class LocalWriter(Writer):
 
     def __exit__(self, *exc) -> None:
         if not self.committed:
-            self.file.close()
+            try:
+                self.file.close()  # on a full disk, flushing what is buffered fails again
+            except OSError:
+                pass
             try:
                 os.remove(self.tmp)
             except FileNotFoundError:
