@@ -30,6 +30,16 @@ TEXT_TEMPLATE = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
+# Qwen3's own template, cut to what po-batch renders: a system message, string content, and the thinking switch
+# (enable_thinking=False renders an empty think block after the assistant's header).
+QWEN3_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}{% endif %}"
+)
+# jina-reranker-v3's special tokens (its modeling.py: doc_embed_token, query_embed_token)
+JINA_V3_TOKENS = ["<|embed_token|>", "<|rerank_token|>"]
+
 CORPUS = [
     "Is there a {} in this image? Answer yes or no.", "yes", "no", " yes", " no", "Yes", "No",
     "You are a helpful assistant.", "user", "assistant", "system", "Does the photo show a {}?",
@@ -42,7 +52,7 @@ WORDS = ["cat", "dog", "car", "tree", "house", "person", "bird", "boat", "red", 
 INIT = 0.2
 
 
-def build_tokenizer(extra_first: int = 0):
+def build_tokenizer(extra_first: int = 0, extra_special: list[str] = ()):
     """A byte-level BPE like Qwen's, trained on a few prompts; `extra_first` shifts the special-token ids."""
     from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers
     from transformers import Qwen2Tokenizer
@@ -62,7 +72,7 @@ def build_tokenizer(extra_first: int = 0):
         vocab[f"<|reserved_{i}|>"] = len(vocab)
     qt = Qwen2Tokenizer(vocab=vocab, merges=merges, unk_token="<|endoftext|>", eos_token="<|im_end|>",
                         pad_token="<|endoftext|>")
-    qt.add_special_tokens({"additional_special_tokens": SPECIAL_TOKENS[1:]})
+    qt.add_special_tokens({"additional_special_tokens": SPECIAL_TOKENS[1:] + list(extra_special)})
     return qt
 
 
@@ -73,14 +83,19 @@ def _ids(tok) -> dict:
 
 
 def build_checkpoint(path: str | Path, family: str = "qwen3_vl", seed: int = 0, tie: bool = False,
-                     extra_first: int = 37, **overrides) -> Path:
-    """Save a tiny random `family` checkpoint (qwen3_vl, qwen2_vl, qwen2_5_vl, qwen2, qwen3) into `path`."""
+                     extra_first: int = 37, template: str | None = None, bare: bool = False, **overrides) -> Path:
+    """Save a tiny random `family` checkpoint (qwen3_vl, qwen2_vl, qwen2_5_vl, qwen2, qwen3) into `path`; or a
+    ranking model in its published layout: jina_m0 (a Qwen2-VL with a score MLP, transformers 4.4x names) and
+    jina_v3 (a Qwen3 with a projector and two special tokens). `template`: another chat template. `bare`: saved
+    as the *Model, as embedding models are (no `model.` prefix, no LM head)."""
     import torch
     import transformers as tf
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    tok = build_tokenizer(extra_first)
+    head = family if family.startswith("jina_") else None
+    family = {"jina_m0": "qwen2_vl", "jina_v3": "qwen3"}.get(family, family)
+    tok = build_tokenizer(extra_first, JINA_V3_TOKENS if head == "jina_v3" else ())
     vocab = len(tok) + 3  # a little slack beyond the tokenizer, as real checkpoints have
     ids = _ids(tok)
     text = dict(vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
@@ -96,7 +111,7 @@ def build_checkpoint(path: str | Path, family: str = "qwen3_vl", seed: int = 0, 
                       patch_size=16, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=36,
                       deepstack_visual_indexes=[0, 2], hidden_act="gelu_pytorch_tanh") | vision
         config = tf.Qwen3VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=tie, **ids)
-        model_cls, template, patch = tf.Qwen3VLForConditionalGeneration, VL3_TEMPLATE, 16
+        model_cls, default_template, patch = tf.Qwen3VLForConditionalGeneration, VL3_TEMPLATE, 16
         mean = std = [0.5, 0.5, 0.5]
     elif family in ("qwen2_vl", "qwen2_5_vl"):
         text.pop("head_dim")
@@ -113,7 +128,7 @@ def build_checkpoint(path: str | Path, family: str = "qwen3_vl", seed: int = 0, 
                           fullatt_block_indexes=[1, 3], hidden_act="silu") | vision
             config = tf.Qwen2_5_VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=tie, **ids)
             model_cls = tf.Qwen2_5_VLForConditionalGeneration
-        template, patch = VL_TEMPLATE, 14
+        default_template, patch = VL_TEMPLATE, 14
         mean, std = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
     elif family in ("qwen2", "qwen3"):
         text["rope_theta"] = 1e6
@@ -123,7 +138,7 @@ def build_checkpoint(path: str | Path, family: str = "qwen3_vl", seed: int = 0, 
             config, model_cls = tf.Qwen2Config(**text), tf.Qwen2ForCausalLM
         else:
             config, model_cls = tf.Qwen3Config(**text), tf.Qwen3ForCausalLM
-        template, patch = TEXT_TEMPLATE, None
+        default_template, patch = TEXT_TEMPLATE, None
     else:
         raise ValueError(f"unknown family {family!r}")
     torch.manual_seed(seed)
@@ -133,6 +148,9 @@ def build_checkpoint(path: str | Path, family: str = "qwen3_vl", seed: int = 0, 
             if name.endswith("bias") or "norm" in name:
                 p.add_(torch.randn_like(p) * 0.1)
     model.save_pretrained(path, safe_serialization=True)
+    if head or bare:
+        _relayout(path, model, head, bare, seed)
+    template = template or default_template
     tok.chat_template = template
     tok.save_pretrained(path)
     if patch:
@@ -145,3 +163,33 @@ def build_checkpoint(path: str | Path, family: str = "qwen3_vl", seed: int = 0, 
         (path / "preprocessor_config.json").write_text(json.dumps(pre, indent=2))
         (path / "chat_template.jinja").write_text(template)
     return path
+
+
+def _relayout(path: Path, model, head: str | None, bare: bool, seed: int) -> None:
+    """Rewrite the saved weights (and config.json's architectures) in the layout the checkpoint is published in."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from po_batch.models.jina import PROJECTOR_DIM
+
+    weights = load_file(path / "model.safetensors")
+    hidden = model.config.get_text_config().hidden_size
+    gen = torch.Generator().manual_seed(seed + 1)
+    rand = lambda *shape: torch.randn(*shape, generator=gen) * INIT  # noqa: E731
+    if bare:
+        weights = {k.removeprefix("model."): v for k, v in weights.items() if not k.startswith("lm_head.")}
+        arch = {"Qwen3ForCausalLM": "Qwen3Model"}.get(type(model).__name__, type(model).__name__.replace(
+            "ForConditionalGeneration", "Model"))
+    elif head == "jina_m0":  # JinaVLForRanking, saved before transformers 4.52: visual.*, model.*, score.{0,2}.*
+        weights = {k.replace("model.language_model.", "model.").replace("model.visual.", "visual."): v
+                   for k, v in weights.items()}
+        weights |= {"score.0.weight": rand(hidden, hidden), "score.0.bias": rand(hidden),
+                    "score.2.weight": rand(1, hidden), "score.2.bias": rand(1)}
+        arch = "JinaVLForRanking"
+    else:  # JinaForRanking: the Qwen3 weights and projector.{0,2}.weight
+        weights |= {"projector.0.weight": rand(hidden // 2, hidden), "projector.2.weight": rand(PROJECTOR_DIM, hidden // 2)}
+        arch = "JinaForRanking"
+    save_file({k: v.contiguous() for k, v in weights.items()}, path / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((path / "config.json").read_text())
+    config["architectures"] = [arch]
+    (path / "config.json").write_text(json.dumps(config, indent=2))

@@ -8,6 +8,7 @@ from torch import nn
 
 from po_batch.models import loader
 from po_batch.models.loader import ModelError
+from po_batch.models.jina import JinaRerankerM0, JinaRerankerV3
 from po_batch.models.qwen2_5_vl import Qwen2_5_VL
 from po_batch.models.qwen2_vl import Qwen2VL
 from po_batch.models.qwen3_vl import Qwen3VL
@@ -19,6 +20,13 @@ FAMILIES: dict[str, type[nn.Module]] = {
     "qwen2_5_vl": Qwen2_5_VL,
     "qwen2": QwenTextLM,
     "qwen3": QwenTextLM,
+}
+
+
+# checkpoints whose architecture adds a head to a family's backbone (config.json's architectures[0])
+ARCHITECTURES: dict[str, type[nn.Module]] = {
+    "JinaVLForRanking": JinaRerankerM0,
+    "JinaForRanking": JinaRerankerV3,
 }
 
 
@@ -37,6 +45,10 @@ class Checkpoint:
         return "vision_config" in self.config
 
     @property
+    def architecture(self) -> str | None:
+        return (self.config.get("architectures") or [None])[0]
+
+    @property
     def tie(self) -> bool:
         text = self.config.get("text_config", {})
         return self.config.get("tie_word_embeddings", text.get("tie_word_embeddings", False))
@@ -49,13 +61,20 @@ def open_checkpoint(path: str) -> Checkpoint:
     if model_type not in FAMILIES:
         raise ModelError(f"{model_dir}/config.json: model_type {model_type!r} is not supported "
                          f"(supported: {', '.join(sorted(FAMILIES))})")
-    return Checkpoint(model_dir, config, FAMILIES[model_type])
+    arch = (config.get("architectures") or [None])[0]
+    return Checkpoint(model_dir, config, ARCHITECTURES.get(arch) or FAMILIES[model_type])
 
 
-def load_model(ckpt: Checkpoint, dtype: torch.dtype, device: torch.device) -> nn.Module:
+def load_model(ckpt: Checkpoint, dtype: torch.dtype, device: torch.device, lm_head: bool = True) -> nn.Module:
+    """`lm_head`: whether anything reads the LM head; without, it is neither built nor read from the checkpoint."""
     try:
         model = loader.build(ckpt.family, ckpt.config, dtype, device)
     except (KeyError, ValueError) as e:
         raise ModelError(f"{ckpt.dir}/config.json: {e}") from None
-    loader.load_weights(model, ckpt.dir, ckpt.family.renames, ckpt.family.packed, ckpt.tie)
+    unused = []
+    if not lm_head:
+        if hasattr(model, "lm_head"):
+            del model.lm_head
+        unused.append(r"^lm_head\.")
+    loader.load_weights(model, ckpt.dir, ckpt.family.renames, ckpt.family.packed, ckpt.tie, unused)
     return model
