@@ -116,7 +116,8 @@ def build_template(tokenizer, image: bool, image_token_id: int | None, merge: in
     if image and prefix.count(image_token_id) != 1:
         raise PromptError(f"the chat template renders {prefix.count(image_token_id)} image placeholders "
                           f"(token id {image_token_id}); expected exactly one")
-    if tokenizer(before + probe + after).input_ids != prefix + enc(probe) + suffix:
+    # (the template renders every token: apply_chat_template adds none of the tokenizer's own either)
+    if tokenizer(before + probe + after, add_special_tokens=False).input_ids != prefix + enc(probe) + suffix:
         raise PromptError("tokenizing the prompt's parts separately differs from tokenizing it whole")
     return PromptTemplate(text_tokenizer(backend), prefix, suffix, after, image_token_id if image else None, merge)
 
