@@ -13,12 +13,14 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
+from rich.console import Console
 
 from po_batch import pipeline
 from po_batch.config import ConfigError, config_from_dict
 from po_batch.models.loader import ModelError
 from po_batch.spec import open_spec
 from po_batch.tiny import QWEN3_TEMPLATE, build_checkpoint
+from po_batch.verify import verify
 
 TEXTS = ["a red cat on a table", "dog", "the blue boat and the green tree", "", "What shows the picture?"]
 SIZES = [(40, 200), (77, 179), (114, 158), (151, 137), (188, 116)]
@@ -42,13 +44,17 @@ def corpus(request, tmp_path_factory):
     return family, build_checkpoint(root / "model", family, template=template), root
 
 
-def run(ckpt, root, task: dict, out: str, image: bool) -> list[dict]:
-    cfg = config_from_dict({
+def config(ckpt, root, task: dict, out: str, image: bool):
+    return config_from_dict({
         "model": {"path": str(ckpt), "device": "cpu"},
         "input": {"paths": [str(root / "data.parquet")], "image_column": "image" if image else None,
                   "columns": ["text"]},
         "task": task, "output": {"path": str(root / out)},
         "run": {"workers": 0, "rows_per_unit": 3, "batch_tokens": 4096}})
+
+
+def run(ckpt, root, task: dict, out: str, image: bool) -> list[dict]:
+    cfg = config(ckpt, root, task, out, image)
     assert pipeline.run(cfg) == 0
     return ds.dataset(cfg.output.path).to_table().sort_by("id").to_pylist()
 
@@ -210,3 +216,23 @@ def test_qwen3_vl_embedding_layout_without_an_lm_head(tmp_path):
     for row, image in zip(rows, images):
         want = ref(ref.chat("", image, "Represent the user's input."), image)[1][-1]
         assert cosine_distance(np.array(row["embedding"]), want) <= COSINE
+
+
+def test_verify_measures_embeddings_by_their_cosine_distance(corpus, monkeypatch):
+    family, ckpt, root = corpus
+    if family == "qwen2_5_vl":
+        pytest.skip("one vision family and the text one")
+    vision = family.endswith("_vl")
+    cfg = config(ckpt, root, {"type": "embed", "prompt": "{text}", "pooling": "span" if vision else "mean",
+                              "dim": 32, "system": "Represent the user's input."}, "verify", vision)
+    console = Console(file=io.StringIO(), width=200)
+    assert verify(cfg, 5, "cpu", "float32", console) == 0
+    text = console.file.getvalue()
+    assert "5 row-questions compared" in text and "0 over the tolerance" in text and "OK" in text
+    from po_batch.engine import runner
+
+    score = runner.Engine.score
+    monkeypatch.setattr(runner.Engine, "score", lambda self, samples: score(self, samples) + 0.05)
+    console = Console(file=io.StringIO(), width=200)
+    assert verify(cfg, 2, "cpu", "float32", console) == 1
+    assert "MISMATCH" in console.file.getvalue()

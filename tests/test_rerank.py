@@ -13,6 +13,7 @@ import pytest
 import torch
 import transformers as tf
 from PIL import Image
+from rich.console import Console
 from safetensors.torch import load_file, save_file
 
 from po_batch import pipeline
@@ -20,6 +21,7 @@ from po_batch.config import ConfigError, config_from_dict
 from po_batch.models.loader import ModelError
 from po_batch.spec import open_spec
 from po_batch.tiny import QWEN3_TEMPLATE, build_checkpoint
+from po_batch.verify import verify
 
 QUERIES = ["cat", "cat", "cat", "dog", "dog", "red car", "red car", "red car", "red car", "red car", "tree", "cat"]
 DOCS = ["a photo of a cat", "a dog on the table", "", "the blue boat", "What shows the picture? A dog.",
@@ -267,3 +269,20 @@ def test_recipes_follow_the_checkpoint_and_a_wrong_one_is_refused(tmp_path):
               metadata={"format": "pt"})
     with pytest.raises(ModelError, match=r"tensors this model does not use: 'score\.4\.weight'"):
         spec(m0, {}).load_engine()
+
+
+@pytest.mark.parametrize("family,images,task", [
+    ("qwen3", False, {"document": "{doc}"}), ("qwen3_vl", True, {}), ("jina_m0", True, {}),
+    ("jina_v3", False, {"document": "{doc}", "block": 3})], ids=["qwen3", "qwen3_vl", "jina_m0", "jina_v3"])
+def test_verify_compares_each_recipe_with_its_card(tmp_path, family, images, task):
+    ckpt = build_checkpoint(tmp_path / "model", family)
+    corpus(tmp_path, images)
+    cfg = config_from_dict({
+        "model": {"path": str(ckpt), "device": "cpu"},
+        "input": {"paths": [str(tmp_path / "data.parquet")], "image_column": "image" if images else None,
+                  "columns": ["query", "doc"]},
+        "task": {"type": "rerank", "query": "{query}"} | task, "output": {"path": str(tmp_path / "out")}})
+    console = Console(file=io.StringIO(), width=200)
+    assert verify(cfg, 8, "cpu", "float32", console) == 0
+    text = console.file.getvalue()
+    assert "8 row-questions compared" in text and "OK" in text, text

@@ -42,6 +42,10 @@ class Oracle(Protocol):
         """A checkpoint tensor by its name in the checkpoint (a head's weight), float32."""
 
 
+# verify's tolerance by dtype: float32 must agree to rounding; half precisions are compared on what users read
+TOLERANCE = {"float32": ("score", 1e-3), "bfloat16": ("prob", 0.03), "float16": ("prob", 0.02)}
+
+
 class Task(ABC):
     key: str                    # where it is configured, for messages: "task" or "task.questions.<name>"
     question: Question
@@ -49,6 +53,7 @@ class Task(ABC):
     answers: list[str]          # what each of the scores stands for (yes/no, the labels)
     full_vocab: bool = False    # also the log-sum-exp over the vocabulary and the targets' logits
     columns: dict[str, pa.DataType]  # output columns (before any question-name prefix) and their types
+    tolerance = TOLERANCE
     head: str = "logits"        # what the engine reads: LM-head "logits", the "hidden" states, the "model"'s head
     width: int = 0              # the readout's width for hidden and model heads
     block: int = 1              # input rows one prompt may hold (listwise reranking)
@@ -86,6 +91,10 @@ class Task(ABC):
     def difference(self, mine: np.ndarray, ref: np.ndarray) -> float:
         """How far one row's scores are from the oracle's (verify): the largest absolute difference."""
         return float(np.abs(mine - ref).max())
+
+    def same(self, mine: np.ndarray, ref: np.ndarray) -> bool:
+        """Whether one row's scores give the oracle's answer."""
+        return self.probs(mine[None])[0].argmax() == self.probs(ref[None])[0].argmax()
 
     def describe(self, scores: np.ndarray) -> str:
         """One row's answer as verify shows it."""

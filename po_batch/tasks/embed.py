@@ -53,6 +53,7 @@ def pool_rows(ids: np.ndarray, pooling: str, vision: tuple[int, int] | None) -> 
 class Embed(Task):
     head = "hidden"
     answers = ["embedding"]
+    tolerance = {"float32": ("score", 1e-4), "bfloat16": ("score", 0.01), "float16": ("score", 0.005)}  # cosine
 
     def __init__(self, cfg: EmbedTask, key: str, tokenizer, ckpt, image: bool):
         text = ckpt.config.get("text_config") or ckpt.config
@@ -97,6 +98,9 @@ class Embed(Task):
 
     def probs(self, scores: np.ndarray) -> np.ndarray:
         return scores
+
+    def same(self, mine: np.ndarray, ref: np.ndarray) -> bool:
+        return self.difference(mine, ref) <= 0.01
 
     def describe(self, scores: np.ndarray) -> str:
         return f"|v| {np.linalg.norm(scores):.4f}, v[:3] {np.array2string(scores[:3], precision=4)}"

@@ -69,7 +69,7 @@ class Qwen3:
     text_only: bool              # Qwen3-Reranker: query and document in one text, as its card writes it
     candidates: list[int]        # "yes", "no"
     head = "logits"
-    width, outputs, block, raw_names = 2, 1, 1, ["yes_logit", "no_logit"]
+    width, outputs, block, midpoint = 2, 1, 1, 0.5
 
     @classmethod
     def build(cls, cfg: RerankTask, tokenizer, ckpt, image: bool) -> "Qwen3":
@@ -137,7 +137,7 @@ class JinaM0:
     image: bool
     vision: list                 # <|vision_start|><|image_pad|><|vision_end|> as ids
     head = "model"
-    width, outputs, block, raw_names, candidates = 1, 1, 1, ["logit"], []
+    width, outputs, block, midpoint, candidates = 1, 1, 1, 0.5, []
 
     @classmethod
     def build(cls, cfg: RerankTask, tokenizer, ckpt, image: bool) -> "JinaM0":
@@ -194,7 +194,7 @@ class JinaV3:
     query_id: int
     prefix: list                 # V3_PREFIX as pieces
     head = "model"
-    width, outputs, raw_names, candidates = 512, 2, ["cosine"], []
+    width, outputs, midpoint, candidates = 512, 2, 0.0, []
 
     @classmethod
     def build(cls, cfg: RerankTask, tokenizer, ckpt, image: bool) -> "JinaV3":

@@ -52,5 +52,10 @@ class Rerank(Task):
     def reference(self, oracle: Oracle, rows: list[dict]) -> np.ndarray:
         return self.recipe.reference(oracle, rows).astype(np.float32)
 
+    def same(self, mine: np.ndarray, ref: np.ndarray) -> bool:
+        """Both sides of the recipe's midpoint (0.5 for a probability, 0 for a cosine)."""
+        mid = self.recipe.midpoint
+        return (self.recipe.score(mine[None])[0] > mid) == (self.recipe.score(ref[None])[0] > mid)
+
     def describe(self, scores: np.ndarray) -> str:
         return f"score {self.recipe.score(scores[None])[0]:.4f}"
