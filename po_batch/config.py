@@ -236,9 +236,10 @@ class QuestionsTask(_Prompted):
             if not QUESTION_NAME.match(name):
                 raise _FieldError("questions", f"{name!r} is not a valid question name (letters, digits and _, "
                                                "not starting with a digit): it prefixes output column names")
-            for option in sorted(q.model_fields_set & set(PROMPT_OPTIONS)):
-                raise _FieldError(f"questions.{name}.{option}", "set it on task itself: the questions share one "
-                                                                "prompt prefix")
+            options = sorted(q.model_fields_set & set(PROMPT_OPTIONS))
+            if options:
+                raise _FieldError(f"questions.{name}.{options[0]}", "set it on task itself: the questions share "
+                                                                    "one prompt prefix")
         return self
 
 

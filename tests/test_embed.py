@@ -70,7 +70,9 @@ class Hidden:
         self.proc = tf.AutoProcessor.from_pretrained(ckpt) if vision else tf.AutoTokenizer.from_pretrained(ckpt)
         self.tok = self.proc.tokenizer if vision else self.proc
 
-    def chat(self, text: str, image: bytes | None, system: str | None) -> str:
+    def chat(self, text: str, image: bytes | None, system: str | None, raw: bool = False) -> str:
+        if raw:  # no template: the image first, then the text (the tokenizer adds its own special tokens)
+            return ("<|vision_start|><|image_pad|><|vision_end|>" if image else "") + text
         content = [{"type": "image"}, {"type": "text", "text": text}] if image else text
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": content}]
         return self.proc.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
@@ -101,27 +103,33 @@ def cosine_distance(a, b) -> float:
 
 CASES = [  # pooling, the task's other keys
     ("last", {"system": "Represent the user's input."}),
+    ("last", {"template": "raw"}),
     ("mean", {"dim": 16, "output_dtype": "float16"}),
     ("span", {"normalize": False}),
 ]
 
 
-@pytest.mark.parametrize("pooling,extra", CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize("pooling,extra", CASES, ids=["last", "last-raw", "mean", "span"])
 def test_embeddings_match_transformers_pooled_hidden_states(corpus, pooling, extra):
     family, ckpt, root = corpus
     vision = family.endswith("_vl")
     if pooling == "span" and not vision:
         pytest.skip("span pools an image")
     task = {"type": "embed", "prompt": "{text}", "pooling": pooling} | extra
-    rows = run(ckpt, root, task, f"out-{pooling}", vision)
+    out = f"out-{pooling}-{extra.get('template', 'chat')}"
+    rows = run(ckpt, root, task, out, vision)
     config = json.loads((ckpt / "config.json").read_text())
     ref = Hidden(ckpt, vision)
     images = pq.read_table(root / "data.parquet").column("image").to_pylist() if vision else [None] * len(TEXTS)
     width = (config.get("text_config") or config)["hidden_size"]
     dim = extra.get("dim", width)
     for row, text, image in zip(rows, TEXTS, images):
+        if extra.get("template") == "raw" and not text and image is None:  # nothing to embed
+            assert row["error"].startswith("empty: the row's prompt has no tokens") and row["embedding"] is None
+            continue
         assert row["error"] is None and len(row["embedding"]) == dim
-        want = pooled(*ref(ref.chat(text, image, extra.get("system")), image), pooling, config)[:dim]
+        prompt = ref.chat(text, image, extra.get("system"), extra.get("template") == "raw")
+        want = pooled(*ref(prompt, image), pooling, config)[:dim]
         mine = np.array(row["embedding"], dtype=np.float32)
         assert cosine_distance(mine, want) <= COSINE, (family, pooling, row["id"])
         if extra.get("normalize", True):
@@ -129,7 +137,7 @@ def test_embeddings_match_transformers_pooled_hidden_states(corpus, pooling, ext
         else:  # the pooled state itself
             assert np.abs(mine - want).max() <= 1e-3
     arrow = {"float16": pa.float16(), "float32": pa.float32()}[extra.get("output_dtype", "float32")]
-    assert ds.dataset(root / f"out-{pooling}").schema.field("embedding").type == pa.list_(arrow, dim)
+    assert ds.dataset(root / out).schema.field("embedding").type == pa.list_(arrow, dim)
 
 
 def test_text_rows_on_a_vision_model_embed_as_its_queries(corpus):

@@ -21,9 +21,11 @@ class Pool:
     counts: torch.Tensor
 
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
-        """(R, H) -> (O, H) float32: summed in float32, whatever the model's dtype."""
-        out = torch.zeros(len(self.counts), hidden.shape[1], dtype=torch.float32, device=hidden.device)
-        return out.index_add_(0, self.index, hidden[self.rows].float()) / self.counts[:, None]
+        """(R, H) -> (O, H) float32, whatever the model's dtype: as one matmul with the averaging weights rather
+        than a scatter-add, whose atomics would make a rerun differ in the last bits."""
+        weights = torch.zeros(len(self.counts), len(hidden), dtype=torch.float32, device=hidden.device)
+        weights[self.index, self.rows] = 1 / self.counts[self.index]
+        return weights @ hidden.float()
 
 
 @dataclass

@@ -61,12 +61,13 @@ def open_checkpoint(path: str) -> Checkpoint:
     if model_type not in FAMILIES:
         raise ModelError(f"{model_dir}/config.json: model_type {model_type!r} is not supported "
                          f"(supported: {', '.join(sorted(FAMILIES))})")
-    arch = (config.get("architectures") or [None])[0]
-    return Checkpoint(model_dir, config, ARCHITECTURES.get(arch) or FAMILIES[model_type])
+    ckpt = Checkpoint(model_dir, config, FAMILIES[model_type])
+    ckpt.family = ARCHITECTURES.get(ckpt.architecture, ckpt.family)
+    return ckpt
 
 
 def load_model(ckpt: Checkpoint, dtype: torch.dtype, device: torch.device, lm_head: bool = True) -> nn.Module:
-    """`lm_head`: whether anything reads the LM head; without, it is neither built nor read from the checkpoint."""
+    """`lm_head`: whether anything reads the LM head; without, it is dropped and not read from the checkpoint."""
     try:
         model = loader.build(ckpt.family, ckpt.config, dtype, device)
     except (KeyError, ValueError) as e:

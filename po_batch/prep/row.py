@@ -31,6 +31,8 @@ class Prep:
             return RowError(e.kind, str(e))
         except Exception as e:  # a bad row is data: whatever broke, it stays with the row
             return RowError("prep", f"{type(e).__name__}: {e}")
+        if sample.tokens == 0:
+            return RowError("empty", "the row's prompt has no tokens (its text is empty, with template: raw)")
         if sample.tokens > self.max_tokens:
             if sample.rows > 1:
                 return RowError("too_long", f"the prompt of these {sample.rows} rows is {sample.tokens} tokens, over "

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from po_batch.config import ConfigError, RerankTask
-from po_batch.prep.pieces import Pieces, split_controls
+from po_batch.prep.pieces import Piece, Pieces, split_controls
 from po_batch.prep.prompt import PromptError, text_tokenizer
 from po_batch.sample import NO_TARGET
 from po_batch.tasks.base import Oracle, Reads
@@ -62,11 +62,9 @@ def _one_row(ids: np.ndarray, positions: np.ndarray) -> dict:
 @dataclass
 class Qwen3:
     pieces: Pieces
-    query: str
-    document: str
-    texts: list[str]             # the fixed strings around the query's and the document's text
+    fields: list[str]            # the row's texts, templates with {column} fields
+    texts: list[str]             # the fixed strings around them (one more)
     parts: list[list]            # the same as pieces
-    text_only: bool              # Qwen3-Reranker: query and document in one text, as its card writes it
     candidates: list[int]        # "yes", "no"
     head = "logits"
     width, outputs, block, midpoint = 2, 1, 1, 0.5
@@ -77,13 +75,13 @@ class Qwen3:
         yes, no = (tokenizer.get_vocab().get(w) for w in ("yes", "no"))
         if yes is None or no is None:
             raise PromptError("task.recipe: qwen3 reads the tokens 'yes' and 'no', which this tokenizer lacks")
-        if not ckpt.is_vision:
+        if not ckpt.is_vision:  # Qwen3-Reranker: query and document in one text, its card's format_instruction
             instruction = (cfg.instruction or QWEN3_INSTRUCTION).replace("{", "{{").replace("}", "}}")
             body = f"<Instruct>: {instruction}\n<Query>: {cfg.query}\n<Document>: {cfg.document}"
             enc = lambda s: backend.encode(s, add_special_tokens=False).ids  # noqa: E731
             # the card tokenizes its prefix, the pair and its suffix apart: the prefix and suffix as ids
-            return cls(Pieces(text_tokenizer(backend), None), body, "", [QWEN3_PREFIX, "", QWEN3_SUFFIX],
-                       [enc(QWEN3_PREFIX), [], enc(QWEN3_SUFFIX)], True, [yes, no])
+            return cls(Pieces(text_tokenizer(backend), None), [body], [QWEN3_PREFIX, QWEN3_SUFFIX],
+                       [enc(QWEN3_PREFIX), enc(QWEN3_SUFFIX)], [yes, no])
         content = [{"type": "text", "text": "<Instruct>: " + (cfg.instruction or QWEN3_VL_INSTRUCTION)},
                    {"type": "text", "text": "<Query>:"}, {"type": "text", "text": S1},
                    {"type": "text", "text": "\n<Document>:"}, *([{"type": "image"}] if image else []),
@@ -96,9 +94,8 @@ class Qwen3:
             tokenize=False, add_generation_prompt=True)
         head, rest = rendered.split(S1)
         texts = [head, *rest.split(S2)]
-        image_id = ckpt.config.get("image_token_id")
-        return cls(Pieces(text_tokenizer(backend), image_id), cfg.query, cfg.document, texts,
-                   [split_controls(s, backend) for s in texts], False, [yes, no])
+        return cls(Pieces(text_tokenizer(backend), ckpt.config.get("image_token_id")), [cfg.query, cfg.document],
+                   texts, [split_controls(s, backend) for s in texts], [yes, no])
 
     @property
     def fixed(self) -> list:
@@ -108,11 +105,9 @@ class Qwen3:
         return None
 
     def encode(self, fields: dict, grid) -> dict:
-        head, middle, tail = self.parts
-        if self.text_only:
-            pieces = [*head, _fmt(self.query, fields), *tail]
-        else:
-            pieces = [*head, _fmt(self.query, fields), *middle, _fmt(self.document, fields), *tail]
+        pieces = list(self.parts[0])
+        for template, part in zip(self.fields, self.parts[1:]):
+            pieces += [_fmt(template, fields), *part]
         return _one_row(*self.pieces.encode(pieces, grid))
 
     def raw(self, reads: Reads) -> np.ndarray:
@@ -124,8 +119,8 @@ class Qwen3:
     def reference(self, oracle: Oracle, rows: list[dict]) -> np.ndarray:
         """The card's: the prompt string through the checkpoint's tokenizer (processor), the LM head's yes and no
         rows at the last position."""
-        (head, middle, tail), f = self.texts, rows[0]
-        _, hidden = oracle.run(head + _fmt(self.query, f) + middle + _fmt(self.document, f) + tail)
+        prompt = self.texts[0] + "".join(_fmt(t, rows[0]) + s for t, s in zip(self.fields, self.texts[1:]))
+        _, hidden = oracle.run(prompt)
         return (oracle.lm_rows(self.candidates) @ hidden[-1])[None]
 
 
@@ -155,19 +150,15 @@ class JinaM0:
     def group(self, fields: dict):
         return None
 
-    def prompt(self, fields: dict, image_text: str) -> list:
-        """The card's formatting_prompts_func(query, doc, doc_type) as pieces (or, with `image_text`, as the string
-        the card hands its processor)."""
+    def prompt(self, fields: dict, image: list) -> list:
+        """The card's formatting_prompts_func(query, doc, doc_type) with `image` for the image's placeholder."""
         q = _fmt(self.query, fields)
         if not self.image:
             return [f"**Document**:\n{_fmt(self.document, fields)}\n**Query**:\n{q}"]
-        return ["**Document**:\n", image_text, f"\n**Query**:\n{q}"]
+        return ["**Document**:\n", *image, f"\n**Query**:\n{q}"]
 
     def encode(self, fields: dict, grid) -> dict:
-        pieces = self.prompt(fields, None)
-        if self.image:
-            pieces = [pieces[0], *self.vision, pieces[2]]
-        return _one_row(*self.pieces.encode([*pieces, M0_SCORE_TOKEN], grid))
+        return _one_row(*self.pieces.encode([*self.prompt(fields, self.vision), M0_SCORE_TOKEN], grid))
 
     def raw(self, reads: Reads) -> np.ndarray:
         return reads.values[:, 0, :1]
@@ -178,7 +169,7 @@ class JinaM0:
     def reference(self, oracle: Oracle, rows: list[dict]) -> np.ndarray:
         """The card's compute_score: the processor's tokens of the prompt, token 100 appended, the score MLP on the
         last hidden state."""
-        _, hidden = oracle.run("".join(self.prompt(rows[0], M0_IMAGE)), [M0_SCORE_TOKEN])
+        _, hidden = oracle.run("".join(self.prompt(rows[0], [M0_IMAGE])), [M0_SCORE_TOKEN])
         h = np.maximum(oracle.tensor("score.0.weight") @ hidden[-1] + oracle.tensor("score.0.bias"), 0)
         return (oracle.tensor("score.2.weight") @ h + oracle.tensor("score.2.bias"))[None]
 
@@ -218,22 +209,21 @@ class JinaV3:
     def _query(self, fields: dict) -> str:
         return _sanitize(_fmt(self.query, fields))
 
-    def prompt(self, rows: list[dict], doc: object, query: object) -> list:
+    def prompt(self, rows: list[dict], prefix: list, doc: Piece, query: Piece) -> list:
         """The card's format_docs_prompts_func up to the query's token (what follows it changes no state read)."""
         q = self._query(rows[0])
         text = (f"I will provide you with {len(rows)} passages, each indicated by a numerical identifier. "
                 f"Rank the passages based on their relevance to query: {q}\n")
         if self.instruction:
             text += f"<instruct>\n{self.instruction}\n</instruct>\n"
-        pieces = [V3_PREFIX]
+        pieces = list(prefix)
         for i, r in enumerate(rows):
             pieces += [text + f'<passage id="{i}">\n{_sanitize(_fmt(self.document, r))}', doc]
             text = "\n</passage>\n"
         return pieces + [text + f"<query>\n{q}", query]
 
     def encode(self, rows: list[dict], grid) -> dict:
-        pieces = self.prompt(rows, self.doc_id, self.query_id)
-        ids, positions = self.pieces.encode([*self.prefix, *pieces[1:]])
+        ids, positions = self.pieces.encode(self.prompt(rows, self.prefix, self.doc_id, self.query_id))
         docs, (query,) = np.flatnonzero(ids == self.doc_id), np.flatnonzero(ids == self.query_id)
         n = len(rows)
         outputs = np.stack([np.stack([docs, np.full(n, query)], 1).reshape(-1), np.arange(2 * n)], 1)
@@ -251,7 +241,7 @@ class JinaV3:
 
     def reference(self, oracle: Oracle, rows: list[dict]) -> np.ndarray:
         """The card's forward: the tokens of the whole prompt, the projector at the special tokens, cosine."""
-        ids, hidden = oracle.run("".join(self.prompt(rows, V3_DOC, V3_QUERY)))
+        ids, hidden = oracle.run("".join(self.prompt(rows, [V3_PREFIX], V3_DOC, V3_QUERY)))
         w1, w2 = oracle.tensor("projector.0.weight"), oracle.tensor("projector.2.weight")
         proj = np.maximum(hidden[(ids == self.doc_id) | (ids == self.query_id)] @ w1.T, 0) @ w2.T
         doc, query = proj[:-1], proj[-1]
