@@ -286,3 +286,22 @@ def test_verify_compares_each_recipe_with_its_card(tmp_path, family, images, tas
     assert verify(cfg, 8, "cpu", "float32", console) == 0
     text = console.file.getvalue()
     assert "8 row-questions compared" in text and "OK" in text, text
+
+
+def test_listwise_blocks_through_prep_workers_in_a_subprocess(tmp_path, po_batch_cli):
+    """`po-batch run` with a process pool: the recipe and each block's rows travel to the workers and back."""
+    import yaml
+
+    ckpt = build_checkpoint(tmp_path / "model", "jina_v3", tie=True)
+    corpus(tmp_path)
+    alone = run(ckpt, tmp_path, {"document": "{doc}", "block": 3}, images=False, out="alone", rows_per_unit=4)
+    config = {"model": {"path": str(ckpt), "device": "cpu"},
+              "input": {"paths": [str(tmp_path / "data.parquet")], "image_column": None, "columns": ["query", "doc"]},
+              "task": {"type": "rerank", "query": "{query}", "document": "{doc}", "block": 3},
+              "output": {"path": str(tmp_path / "pool")}, "run": {"workers": 2, "rows_per_unit": 4}}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    r = po_batch_cli("run", tmp_path / "config.yaml")
+    assert r.returncode == 0, r.stderr
+    pooled = ds.dataset(tmp_path / "pool").to_table().sort_by("id").to_pylist()
+    assert [r["id"] for r in pooled] == [r["id"] for r in alone]
+    assert np.abs(np.array([r["score"] for r in pooled]) - [r["score"] for r in alone]).max() < 1e-6

@@ -62,7 +62,7 @@ def _one_row(ids: np.ndarray, positions: np.ndarray) -> dict:
 @dataclass
 class Qwen3:
     pieces: Pieces
-    fields: list[str]            # the row's texts, templates with {column} fields
+    templates: list[str]         # the row's texts, with {column} fields
     texts: list[str]             # the fixed strings around them (one more)
     parts: list[list]            # the same as pieces
     candidates: list[int]        # "yes", "no"
@@ -106,7 +106,7 @@ class Qwen3:
 
     def encode(self, fields: dict, grid) -> dict:
         pieces = list(self.parts[0])
-        for template, part in zip(self.fields, self.parts[1:]):
+        for template, part in zip(self.templates, self.parts[1:]):
             pieces += [_fmt(template, fields), *part]
         return _one_row(*self.pieces.encode(pieces, grid))
 
@@ -119,7 +119,7 @@ class Qwen3:
     def reference(self, oracle: Oracle, rows: list[dict]) -> np.ndarray:
         """The card's: the prompt string through the checkpoint's tokenizer (processor), the LM head's yes and no
         rows at the last position."""
-        prompt = self.texts[0] + "".join(_fmt(t, rows[0]) + s for t, s in zip(self.fields, self.texts[1:]))
+        prompt = self.texts[0] + "".join(_fmt(t, rows[0]) + s for t, s in zip(self.templates, self.texts[1:]))
         _, hidden = oracle.run(prompt)
         return (oracle.lm_rows(self.candidates) @ hidden[-1])[None]
 
