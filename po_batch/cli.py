@@ -1,5 +1,5 @@
-"""The po-batch command line: run, status, verify, demo. Exit codes: 0 done, 1 failed, 2 usage or config
-error, 3 stopped by a signal with work left."""
+"""The po-batch command line: run, status, verify, topk, nearest, demo. Exit codes: 0 done, 1 failed, 2 usage or
+config error, 3 stopped by a signal with work left."""
 
 import json
 import sys
@@ -155,6 +155,45 @@ def verify(config: ConfigArg,
     except _user_errors() as e:
         _fail(2, str(e))
     raise typer.Exit(code)
+
+
+OutputArg = Annotated[Path, typer.Argument(help="A po-batch output directory.", show_default=False)]
+OutPath = Annotated[Path, typer.Option("--out", help="The Parquet file to write.", show_default=False)]
+K = Annotated[int, typer.Option("--k", help="How many rows to keep.")]
+
+
+@app.command()
+def topk(output: OutputArg, by: Annotated[str, typer.Option(help="The score column to rank by.", show_default=False)],
+         out: OutPath, k: K = 10,
+         group: Annotated[str | None, typer.Option(help="Rank within each value of this column.")] = None,
+         ascending: Annotated[bool, typer.Option("--ascending", help="Lowest first.")] = False):
+    """The top K rows of a finished output per group (by a score column), streaming over its parts."""
+    from po_batch.retrieve import RetrieveError, topk as run_topk
+
+    try:
+        n = run_topk(str(output), by, k, str(out), group, ascending)
+    except RetrieveError as e:
+        _fail(2, str(e))
+    typer.echo(f"wrote {n} rows to {out}")
+
+
+@app.command()
+def nearest(images: OutputArg, queries: Annotated[Path, typer.Argument(help="An embedding output of queries.",
+                                                                        show_default=False)],
+            out: OutPath, k: K = 10,
+            column: Annotated[str, typer.Option(help="The embedding column of both outputs.")] = "embedding",
+            id_column: Annotated[str, typer.Option("--id", help="The id column of IMAGES.")] = "id",
+            query_id: Annotated[str | None, typer.Option("--query-id", help="The id column of QUERIES "
+                                                                             "(default: --id).")] = None,
+            chunk: Annotated[int, typer.Option(help="Rows of IMAGES compared at once.")] = 65536):
+    """For each query embedding, the K nearest rows of an embedding output by cosine (on the GPU when there is one)."""
+    from po_batch.retrieve import RetrieveError, nearest as run_nearest
+
+    try:
+        n = run_nearest(str(images), str(queries), k, str(out), column, id_column, query_id, chunk)
+    except RetrieveError as e:
+        _fail(2, str(e))
+    typer.echo(f"wrote {n} rows to {out}")
 
 
 @app.command()

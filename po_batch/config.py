@@ -163,7 +163,24 @@ class InputConfig(_Section):
         return self
 
 
-class YesNoTask(_Section):
+class _Prompted(_Section):
+    """How the prompt around the row's text is rendered, for every task: the checkpoint's chat template (with
+    `system` as its system message, thinking off for Qwen3's templates) or `raw`, the text alone with only the
+    special tokens the tokenizer itself adds (Qwen3-Embedding's appends its end-of-text token)."""
+    system: NonEmptyStr | None = None
+    template: Literal["chat", "raw"] = "chat"
+
+    @model_validator(mode="after")
+    def _check_system(self) -> _Prompted:
+        if self.system is not None and self.template == "raw":
+            raise _FieldError("system", "a raw prompt has no system message; use template: chat or drop system")
+        return self
+
+
+PROMPT_OPTIONS = {name: f.default for name, f in _Prompted.model_fields.items()}
+
+
+class YesNoTask(_Prompted):
     """One question answered by the logits of two answer tokens at the last position."""
     kind: ClassVar[str] = "yes_no"
     type: Literal["yes_no"] = "yes_no"
@@ -178,7 +195,7 @@ class YesNoTask(_Section):
         return self
 
 
-class LabelsTask(_Section):
+class LabelsTask(_Prompted):
     """One question answered by the best of several labels: first-token logits, or summed label log-probs."""
     kind: ClassVar[str] = "labels"
     type: Literal["labels"]
@@ -209,26 +226,54 @@ QuestionConfig = Annotated[Union[tuple(Annotated[cls, Tag(tag)] for tag, cls in 
 QUESTION_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
-class QuestionsTask(_Section):
+class QuestionsTask(_Prompted):
     """Several questions about each row's image; each question's columns are prefixed by its name."""
     kind: ClassVar[str] = "questions"
     questions: Annotated[dict[str, QuestionConfig], Field(min_length=1)]
 
     @model_validator(mode="after")
     def _check(self) -> QuestionsTask:
-        for name in self.questions:
+        for name, q in self.questions.items():
             if not QUESTION_NAME.match(name):
                 raise _FieldError("questions", f"{name!r} is not a valid question name (letters, digits and _, "
                                                "not starting with a digit): it prefixes output column names")
+            options = sorted(q.model_fields_set & set(PROMPT_OPTIONS))
+            if options:
+                raise _FieldError(f"questions.{name}.{options[0]}", "set it on task itself: the questions share "
+                                                                    "one prompt prefix")
         return self
 
 
-TASK_TYPES = {**_QUESTION_TYPES, "questions": QuestionsTask}
+class EmbedTask(_Prompted):
+    """A pooled last-layer hidden state per row: the last row, the mean over all rows, or the mean over the
+    image's span (vision start to vision end, as jina-embeddings-v4 pools images)."""
+    kind: ClassVar[str] = "embed"
+    type: Literal["embed"]
+    prompt: str = ""
+    pooling: Literal["last", "mean", "span"] = "last"
+    normalize: bool = True
+    dim: Annotated[int, Field(ge=1)] | None = None  # Matryoshka: keep the first `dim` values (then re-normalize)
+    output_dtype: Literal["float16", "float32"] = "float32"
+
+
+class RerankTask(_Section):
+    """The relevance of each row's document (its text, or its image on a vision model) to the row's query, scored
+    as the checkpoint's model card does (the recipe)."""
+    kind: ClassVar[str] = "rerank"
+    type: Literal["rerank"]
+    recipe: Literal["auto", "qwen3", "jina_m0", "jina_v3"] = "auto"
+    query: NonEmptyStr
+    document: str = ""
+    instruction: NonEmptyStr | None = None  # null: the recipe's default
+    block: Annotated[int, Field(ge=1, le=125)] = 125  # jina_v3: documents of one query per prompt
+
+
+TASK_TYPES = {**_QUESTION_TYPES, "questions": QuestionsTask, "embed": EmbedTask, "rerank": RerankTask}
 TaskConfig = Annotated[Union[tuple(Annotated[cls, Tag(tag)] for tag, cls in TASK_TYPES.items())],
                        Discriminator(_task_kind)]
 
 
-def named_questions(task: YesNoTask | LabelsTask | QuestionsTask) -> dict[str, YesNoTask | LabelsTask]:
+def named_questions(task) -> dict:
     """The task's questions by name; a single task is one question named "" (its columns take no prefix)."""
     return dict(task.questions) if isinstance(task, QuestionsTask) else {"": task}
 
@@ -290,8 +335,10 @@ class Config(_Section):
     def _check_prompts(self) -> Config:
         allowed = [self.input.id_column, *self.input.columns]
         for name, q in named_questions(self.task).items():
-            _check_prompt(q.prompt, f"task.questions.{name}.prompt" if name else "task.prompt", allowed,
-                          self.input.columns)
+            key = f"task.questions.{name}" if name else "task"
+            for field in ("prompt", "query", "document"):
+                if hasattr(q, field):
+                    _check_prompt(getattr(q, field), f"{key}.{field}", allowed, self.input.columns)
         return self
 
     @model_validator(mode="after")
@@ -429,8 +476,12 @@ def _message(err: dict) -> str:
     elif kind == "literal_error":
         msg = f"must be {ctx['expected']}{got}"
     elif kind == "union_tag_invalid":  # an unknown task.type
-        types = " or ".join(repr(t) for t in _QUESTION_TYPES)
-        loc, msg = loc + ("type",), f"must be {types}, or the task a mapping of questions (got {ctx['tag']!r})"
+        if "questions" in loc:
+            msg = f"must be {' or '.join(map(repr, _QUESTION_TYPES))} (got {ctx['tag']!r})"
+        else:
+            msg = (f"must be {', '.join(repr(t) for t in TASK_TYPES if t != 'questions')}, or the task a mapping "
+                   f"of questions (got {ctx['tag']!r})")
+        loc = loc + ("type",)
     elif kind == "union_tag_not_found":
         msg = f"expected {_TYPE_NAMES['dict_type']}{got}"
     elif kind in _TYPE_NAMES:
@@ -490,10 +541,17 @@ def results_fingerprint(cfg: Config) -> dict:
     """The config's part of the fingerprint (everything in it that changes results), as flat dotted keys with
     JSON values. Paths, batch size, workers and device are left out: a resume may move the data or run on another
     node. The resolved spec adds what the checkpoint decides (spec.py)."""
-    return {"model.quantization": cfg.model.quantization, **_flat(cfg.task.model_dump(), "task."),
+    return {"model.quantization": cfg.model.quantization,
+            **_flat(_without_default_options(cfg.task.model_dump()), "task."),
             "input.id_column": cfg.input.id_column,
             "input.image_column": cfg.input.image_column,
             "input.columns": list(cfg.input.columns)}
+
+
+def _without_default_options(d: dict) -> dict:
+    """Prompt options left at their defaults are not listed: outputs planned before the options existed resume."""
+    return {k: _without_default_options(v) if isinstance(v, dict) else v for k, v in d.items()
+            if not (k in PROMPT_OPTIONS and v == PROMPT_OPTIONS[k])}
 
 
 def _flat(d: dict, prefix: str) -> dict:

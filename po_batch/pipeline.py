@@ -140,7 +140,7 @@ class Runner:
             self.claims.start_heartbeat(max(1.0, self.cfg.run.claim_ttl_s / 10),
                                         alive=lambda: time.monotonic() - self.progress_at < stall_s)
         try:
-            results = pool.map(self.rows())
+            results = pool.map(self.spec.tasks.blocks(self.rows()))
             while True:
                 t = time.perf_counter()
                 item = next(results, None)
@@ -149,11 +149,11 @@ class Runner:
                 self.check_commits()
                 if item is None:
                     break
-                (st, i), result = item
+                (st, i, n), result = item  # rows i..i+n-1 of the unit: one, except where a prompt holds several
                 if isinstance(result, RowError):
-                    st.errors[i] = str(result)
-                    st.kinds[result.kind] += 1
-                    self.finish_rows([(st, i)], progress)
+                    st.errors[i:i + n] = [str(result)] * n
+                    st.kinds[result.kind] += n
+                    self.finish_rows([(st, j) for j in range(i, i + n)], progress)
                     continue
                 # Score before the budget would be exceeded (past it, the engine would split off a batch of
                 # one), and at each unit's end: a batch of one unit's rows makes the unit's scores independent
@@ -161,7 +161,7 @@ class Runner:
                 if pending and (pending[-1][0] is not st or tokens + result.tokens > self.cfg.run.batch_tokens):
                     self.score(pending, progress)
                     pending, tokens = [], 0
-                pending.append((st, i, result))
+                pending.append((st, i, n, result))
                 tokens += result.tokens
             self.score(pending, progress)
             self.settle(progress, keep=0)
@@ -194,7 +194,7 @@ class Runner:
         has work queued while the host reads results and prepares more."""
         if pending:
             t = time.perf_counter()
-            self.inflight.append((self.engine.launch([s for _, _, s in pending]), pending))
+            self.inflight.append((self.engine.launch([s for _, _, _, s in pending]), pending))
             self.stats.launch_s += time.perf_counter() - t
         self.settle(progress, keep=QUEUE_DEPTH)
 
@@ -202,12 +202,14 @@ class Runner:
         while len(self.inflight) > keep:
             handle, rows = self.inflight.popleft()
             t = time.perf_counter()
-            readouts = handle.result()
+            readouts = handle.result()  # per input row, in order
             self.stats.wait_device_s += time.perf_counter() - t
             self.progress_at = time.monotonic()
-            for (st, i, _), readout in zip(rows, readouts):
-                st.readout[i] = readout
-            self.finish_rows([(st, i) for st, i, _ in rows], progress)
+            at = 0
+            for st, i, n, _ in rows:
+                st.readout[i:i + n] = readouts[at:at + n]
+                at += n
+            self.finish_rows([(st, j) for st, i, n, _ in rows for j in range(i, i + n)], progress)
 
     def finish_rows(self, done: list, progress: Progress) -> None:
         errors = 0

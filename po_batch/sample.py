@@ -2,7 +2,8 @@
 
 A row is a small tree of token segments: the shared prefix (chat template and image), one segment per question
 attending to the prefix, and under a question one segment per label continuation attending to both. The engine
-runs every token once and reads the hidden state only at the rows each segment asks for."""
+runs every token once and reads the hidden state only at the rows each segment asks for; a sample may average
+read rows into its outputs (pooled embeddings) or pick some of them, and a listwise sample holds several rows."""
 
 from dataclasses import dataclass, field
 
@@ -29,9 +30,13 @@ class Sample:
     input_ids: np.ndarray                 # int32 (L,) the row's segments, concatenated, image placeholder expanded
     positions: np.ndarray                 # int32 (3, L) M-RoPE positions (t, h, w); text-only rows are equal
     segments: np.ndarray                  # int32 (S, 3): length, parent segment (-1: none), rows read (its last)
-    targets: np.ndarray                   # int32 (R,) per read row, in order: the token whose logit is read, or -1
+    targets: np.ndarray                   # int32 (O,) per output, in order: the token whose logit is read, or -1
     patches: np.ndarray | None = None     # uint8 (h*w, 3*p*p) in merge-block order, not normalised
     grid: tuple[int, int, int] | None = None  # (t, h, w) in patches
+    # int32 (P, 2): (read row, output) pairs, each output the mean of its read rows (a row may serve several
+    # outputs); None: each read row is an output of its own, in order
+    outputs: np.ndarray | None = None
+    rows: int = 1                         # input rows the sample scores (a listwise block holds several)
 
     @property
     def tokens(self) -> int:

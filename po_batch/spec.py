@@ -7,7 +7,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 
-from po_batch.config import Config, ConfigError, results_fingerprint
+from po_batch.config import Config, ConfigError, EmbedTask, RerankTask, results_fingerprint
 from po_batch.models import loader
 from po_batch.models.registry import Checkpoint, open_checkpoint
 from po_batch.prep.image import ImageSpec, spec_from_preprocessor_config
@@ -22,9 +22,9 @@ class Spec:
     cfg: Config
     ckpt: Checkpoint
     tokenizer: object       # the checkpoint's transformers tokenizer
-    template: PromptTemplate
+    template: PromptTemplate | None  # None where the task writes its own prompt (rerank recipes)
     tasks: Questions
-    image: ImageSpec | None  # None for text-only checkpoints
+    image: ImageSpec | None  # None for text-only rows
     device: str
     dtype: str
     workers: int
@@ -32,13 +32,15 @@ class Spec:
 
     @property
     def prep(self) -> Prep:
-        return Prep(self.template, self.tasks.questions, self.image, self.cfg.run.batch_tokens)
+        return Prep(self.tasks.prompt(self.template), self.image, self.cfg.run.batch_tokens)
 
     def fingerprint(self) -> dict:
         """Everything that changes results, as flat dotted keys with JSON values (see config.results_fingerprint
         for the config's part). The image limits are the resolved ones: null in the config means the checkpoint's."""
-        template = hashlib.sha256(json.dumps([self.template.prefix, self.template.suffix]).encode()).hexdigest()
-        tokenizer = hashlib.sha256(self.template.tokenizer.to_str().encode()).hexdigest()
+        prompt = self.tasks.prompt(self.template)
+        template = hashlib.sha256(json.dumps(prompt.fixed).encode()).hexdigest()
+        tokenizer = hashlib.sha256(prompt.pieces.tokenizer.to_str().encode() if self.template is None
+                                   else self.template.tokenizer.to_str().encode()).hexdigest()
         image = dataclasses.asdict(self.image) if self.image else None
         return {"model.identity": self.identity, "model.dtype": self.dtype, "model.tokenizer": tokenizer[:16],
                 "model.chat_template": template[:16], **results_fingerprint(self.cfg),
@@ -51,11 +53,11 @@ class Spec:
 
         return Engine(self.ckpt, self.tasks.candidates, self.device, self.dtype, self.cfg.run.batch_tokens,
                       self.image and self.image.image_mean, self.image and self.image.image_std, fuse,
-                      self.tasks.full_vocab, self.cfg.model.quantization)
+                      self.tasks.full_vocab, self.tasks.head, self.cfg.model.quantization)
 
 
 def image_spec(ckpt: Checkpoint, cfg: Config) -> ImageSpec | None:
-    if not ckpt.is_vision:
+    if not ckpt.is_vision or cfg.input.image_column is None:
         return None
     # transformers 5 saves a processor's image settings nested in processor_config.json, which the spec reads too
     source = next((f for f in (ckpt.dir / "preprocessor_config.json", ckpt.dir / "processor_config.json")
@@ -76,13 +78,16 @@ def open_spec(cfg: Config, device: str, dtype: str, workers: int) -> Spec:
     from transformers import AutoTokenizer
 
     ckpt = open_checkpoint(cfg.model.path)
-    if ckpt.is_vision and cfg.input.image_column is None:
+    # embeddings and rerankers also read text-only rows with a vision model (queries, text documents)
+    if ckpt.is_vision and cfg.input.image_column is None and not isinstance(cfg.task, (EmbedTask, RerankTask)):
         raise ConfigError(f"input.image_column: {ckpt.dir} is a vision model: name the image column")
     if not ckpt.is_vision and cfg.input.image_column is not None:
         raise ConfigError(f"input.image_column: {ckpt.dir} is a text-only model: set input.image_column: null")
     tokenizer = AutoTokenizer.from_pretrained(ckpt.dir)
     image = image_spec(ckpt, cfg)
-    template = build_template(tokenizer, ckpt.is_vision, ckpt.config.get("image_token_id"),
-                              image.merge_size if image else 2)
-    tasks = build_tasks(cfg, tokenizer, template)
+    template = None
+    if not isinstance(cfg.task, RerankTask):
+        template = build_template(tokenizer, image is not None, ckpt.config.get("image_token_id"),
+                                  image.merge_size if image else 2, cfg.task.system, cfg.task.template == "raw")
+    tasks = build_tasks(cfg, tokenizer, template, ckpt, image is not None)
     return Spec(cfg, ckpt, tokenizer, template, tasks, image, device, dtype, workers, loader.identity(ckpt.dir))

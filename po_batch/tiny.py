@@ -41,6 +41,16 @@ TEXT_TEMPLATE = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
+# Qwen3's own template, cut to what po-batch renders: a system message, string content, and the thinking switch
+# (enable_thinking=False renders an empty think block after the assistant's header).
+QWEN3_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}{% endif %}"
+)
+# jina-reranker-v3's special tokens (its modeling.py: doc_embed_token, query_embed_token)
+JINA_V3_TOKENS = ["<|embed_token|>", "<|rerank_token|>"]
+
 CORPUS = [
     "Is there a {} in this image? Answer yes or no.", "yes", "no", " yes", " no", "Yes", "No",
     "You are a helpful assistant.", "user", "assistant", "system", "Does the photo show a {}?",
@@ -53,9 +63,10 @@ WORDS = ["cat", "dog", "car", "tree", "house", "person", "bird", "boat", "red", 
 INIT = 0.2
 
 
-def build_tokenizer(extra_first: int = 0, roles: dict = QWEN_ROLES, specials: list[str] = SPECIAL_TOKENS[1:]):
+def build_tokenizer(extra_first: int = 0, roles: dict = QWEN_ROLES, specials: list[str] = SPECIAL_TOKENS[1:],
+                    extra_special: list[str] = ()):
     """A byte-level BPE like Qwen's, trained on a few prompts; `extra_first` shifts the special-token ids; `roles`
-    and `specials` are the family's special tokens (Qwen's by default)."""
+    and `specials` are the family's special tokens (Qwen's by default), `extra_special` a model's own on top."""
     from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers
     from transformers import Qwen2Tokenizer
 
@@ -73,7 +84,7 @@ def build_tokenizer(extra_first: int = 0, roles: dict = QWEN_ROLES, specials: li
     for i in range(extra_first):
         vocab[f"<|reserved_{i}|>"] = len(vocab)
     qt = Qwen2Tokenizer(vocab=vocab, merges=merges, **roles)
-    qt.add_special_tokens({"additional_special_tokens": specials})
+    qt.add_special_tokens({"additional_special_tokens": list(specials) + list(extra_special)})
     return qt
 
 
@@ -84,10 +95,12 @@ def _ids(tok) -> dict:
 
 
 def build_checkpoint(path: str | Path, family: str = "qwen3_vl", seed: int = 0, tie: bool | None = None,
-                     extra_first: int = 37, **overrides) -> Path:
+                     extra_first: int = 37, template: str | None = None, bare: bool = False, **overrides) -> Path:
     """Save a tiny random `family` checkpoint (qwen3_vl, qwen2_vl, qwen2_5_vl, qwen2, qwen3; gemma, gemma2 and
-    gemma2_model, the bare Gemma2Model) into `path`. The LM head is tied for Gemma, untied otherwise, unless `tie`
-    says."""
+    gemma2_model, the bare Gemma2Model) into `path`; or a ranking model in its published layout: jina_m0 (a
+    Qwen2-VL with a score MLP, transformers 4.4x names) and jina_v3 (a Qwen3 with a projector and two special
+    tokens). The LM head is tied for Gemma, untied otherwise, unless `tie` says. `template`: another chat
+    template. `bare`: saved as the *Model, as embedding models are (no `model.` prefix, no LM head)."""
     import torch
     import transformers as tf
 
@@ -95,7 +108,10 @@ def build_checkpoint(path: str | Path, family: str = "qwen3_vl", seed: int = 0, 
     path.mkdir(parents=True, exist_ok=True)
     gemma = family.startswith("gemma")
     tie = gemma if tie is None else tie
-    tok = build_tokenizer(extra_first, GEMMA_ROLES, GEMMA_SPECIAL_TOKENS) if gemma else build_tokenizer(extra_first)
+    head = family if family.startswith("jina_") else None
+    family = {"jina_m0": "qwen2_vl", "jina_v3": "qwen3"}.get(family, family)
+    tok = build_tokenizer(extra_first, GEMMA_ROLES, GEMMA_SPECIAL_TOKENS) if gemma else \
+        build_tokenizer(extra_first, extra_special=JINA_V3_TOKENS if head == "jina_v3" else ())
     vocab = len(tok) + 3  # a little slack beyond the tokenizer, as real checkpoints have
     ids = _ids(tok)
     text = dict(vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
@@ -113,7 +129,7 @@ def build_checkpoint(path: str | Path, family: str = "qwen3_vl", seed: int = 0, 
                       patch_size=16, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=36,
                       deepstack_visual_indexes=[0, 2], hidden_act="gelu_pytorch_tanh") | vision
         config = tf.Qwen3VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=tie, **ids)
-        model_cls, template, patch = tf.Qwen3VLForConditionalGeneration, VL3_TEMPLATE, 16
+        model_cls, default_template, patch = tf.Qwen3VLForConditionalGeneration, VL3_TEMPLATE, 16
         mean = std = [0.5, 0.5, 0.5]
     elif family in ("qwen2_vl", "qwen2_5_vl"):
         text.pop("head_dim")
@@ -130,7 +146,7 @@ def build_checkpoint(path: str | Path, family: str = "qwen3_vl", seed: int = 0, 
                           fullatt_block_indexes=[1, 3], hidden_act="silu") | vision
             config = tf.Qwen2_5_VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=tie, **ids)
             model_cls = tf.Qwen2_5_VLForConditionalGeneration
-        template, patch = VL_TEMPLATE, 14
+        default_template, patch = VL_TEMPLATE, 14
         mean, std = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
     elif family in ("qwen2", "qwen3"):
         text["rope_theta"] = 1e6
@@ -140,11 +156,12 @@ def build_checkpoint(path: str | Path, family: str = "qwen3_vl", seed: int = 0, 
             config, model_cls = tf.Qwen2Config(**text), tf.Qwen2ForCausalLM
         else:
             config, model_cls = tf.Qwen3Config(**text), tf.Qwen3ForCausalLM
-        template, patch = TEXT_TEMPLATE, None
+        default_template, patch = TEXT_TEMPLATE, None
     elif family == "gemma":  # Gemma-2B's layout: multi-query attention
         text |= dict(num_attention_heads=4, num_key_value_heads=1, rope_parameters={"rope_type": "default",
                      "rope_theta": 10000.0}) | text_overrides
-        config, model_cls, template, patch = tf.GemmaConfig(**text), tf.GemmaForCausalLM, GEMMA_TEMPLATE, None
+        config, model_cls = tf.GemmaConfig(**text), tf.GemmaForCausalLM
+        default_template, patch = GEMMA_TEMPLATE, None
     elif family in ("gemma2", "gemma2_model"):
         # Soft-caps small enough to bite on these weights, a window shorter than the tests' prompts, the score
         # scale off 1/sqrt(head_dim); the default layer types: sliding windows on layers 0 and 2 (the last).
@@ -153,7 +170,7 @@ def build_checkpoint(path: str | Path, family: str = "qwen3_vl", seed: int = 0, 
                      final_logit_softcapping=3.0, sliding_window=6) | text_overrides
         config = tf.Gemma2Config(**text)
         model_cls = tf.Gemma2ForCausalLM if family == "gemma2" else tf.Gemma2Model
-        template, patch = GEMMA_TEMPLATE, None
+        default_template, patch = GEMMA_TEMPLATE, None
     else:
         raise ValueError(f"unknown family {family!r}")
     torch.manual_seed(seed)
@@ -168,6 +185,9 @@ def build_checkpoint(path: str | Path, family: str = "qwen3_vl", seed: int = 0, 
         d = json.loads(config_file.read_text()) | {"hidden_act": "gelu"}
         del d["tie_word_embeddings"]
         config_file.write_text(json.dumps(d, indent=2))
+    if head or bare:
+        _relayout(path, model, head, bare, seed)
+    template = template or default_template
     tok.chat_template = template
     tok.save_pretrained(path)
     if patch:
@@ -180,3 +200,33 @@ def build_checkpoint(path: str | Path, family: str = "qwen3_vl", seed: int = 0, 
         (path / "preprocessor_config.json").write_text(json.dumps(pre, indent=2))
         (path / "chat_template.jinja").write_text(template)
     return path
+
+
+def _relayout(path: Path, model, head: str | None, bare: bool, seed: int) -> None:
+    """Rewrite the saved weights (and config.json's architectures) in the layout the checkpoint is published in."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from po_batch.models.jina import PROJECTOR_DIM
+
+    weights = load_file(path / "model.safetensors")
+    hidden = model.config.get_text_config().hidden_size
+    gen = torch.Generator().manual_seed(seed + 1)
+    rand = lambda *shape: torch.randn(*shape, generator=gen) * INIT  # noqa: E731
+    if bare:
+        weights = {k.removeprefix("model."): v for k, v in weights.items() if not k.startswith("lm_head.")}
+        arch = {"Qwen3ForCausalLM": "Qwen3Model"}.get(type(model).__name__, type(model).__name__.replace(
+            "ForConditionalGeneration", "Model"))
+    elif head == "jina_m0":  # JinaVLForRanking, saved before transformers 4.52: visual.*, model.*, score.{0,2}.*
+        weights = {k.replace("model.language_model.", "model.").replace("model.visual.", "visual."): v
+                   for k, v in weights.items()}
+        weights |= {"score.0.weight": rand(hidden, hidden), "score.0.bias": rand(hidden),
+                    "score.2.weight": rand(1, hidden), "score.2.bias": rand(1)}
+        arch = "JinaVLForRanking"
+    else:  # JinaForRanking: the Qwen3 weights and projector.{0,2}.weight
+        weights |= {"projector.0.weight": rand(hidden // 2, hidden), "projector.2.weight": rand(PROJECTOR_DIM, hidden // 2)}
+        arch = "JinaForRanking"
+    save_file({k: v.contiguous() for k, v in weights.items()}, path / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((path / "config.json").read_text())
+    config["architectures"] = [arch]
+    (path / "config.json").write_text(json.dumps(config, indent=2))

@@ -89,4 +89,4 @@ def test_verify_states_the_fp8_tolerance(corpus):
     console = Console(file=io.StringIO(), width=200)
     assert verify(cfg_for(corpus, "fp8"), 8, "cpu", "float32", console) == 0
     text = console.file.getvalue()
-    assert "po-batch fp8 vs transformers" in text and "tolerance 0.15" in text
+    assert "po-batch fp8 vs transformers" in text and "prob 0.15" in text

@@ -186,5 +186,5 @@ def test_label_and_question_config_errors_name_the_key(corpus, tmp_path):
         config(corpus, {"questions": {"2nd": {"prompt": PROMPT}}}, "e")
     with pytest.raises(ConfigError, match=r"task\.questions\.dog\.labels: 'x' is listed twice"):
         config(corpus, {"questions": {"dog": {"type": "labels", "prompt": PROMPT, "labels": ["x", "x"]}}}, "e")
-    with pytest.raises(ConfigError, match=r"task\.type: must be 'yes_no' or 'labels'"):
+    with pytest.raises(ConfigError, match=r"task\.type: must be 'yes_no', 'labels', 'embed', 'rerank'"):
         config(corpus, {"type": "colour", "prompt": PROMPT}, "e")

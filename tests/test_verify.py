@@ -74,7 +74,7 @@ def test_run_output_equals_transformers(setup):
             assert row["error"].startswith("not_image") and row["p_yes"] is None
             continue
         oracle.image = Image.open(io.BytesIO(image)).convert("RGB") if image else None
-        ref = task.reference(oracle, task.question.text.format(**fields))
+        ref = task.reference(oracle, [fields])[0]
         assert row["error"] is None
         assert abs(row["yes_logit"] - ref[0]) <= 1e-3 and abs(row["no_logit"] - ref[1]) <= 1e-3, (family, row, ref)
 

@@ -1,6 +1,7 @@
 """The batch description: samples packed into one token stream without padding, by a token budget. Each sample is a
 tree of segments (a shared prefix, questions, label continuations); every token runs once, each segment attends to
-its ancestors' keys and its own, and the last layer runs only at the rows the tasks read."""
+its ancestors' keys and its own, and the last layer runs only at the rows the tasks read; where a sample pools
+(embeddings) or picks (listwise reranking), its outputs are means of those rows."""
 
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -13,11 +14,27 @@ from po_batch.sample import Sample
 
 
 @dataclass
+class Pool:
+    """Outputs as means of read rows: output index[j] takes read row rows[j]; counts (O,) rows per output."""
+    rows: torch.Tensor
+    index: torch.Tensor
+    counts: torch.Tensor
+
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(R, H) -> (O, H) float32, whatever the model's dtype: as one matmul with the averaging weights rather
+        than a scatter-add, whose atomics would make a rerun differ in the last bits."""
+        weights = torch.zeros(len(self.counts), len(hidden), dtype=torch.float32, device=hidden.device)
+        weights[self.index, self.rows] = 1 / self.counts[self.index]
+        return weights @ hidden.float()
+
+
+@dataclass
 class Batch:
     input_ids: torch.Tensor          # (T,) the packed token stream
     positions: torch.Tensor          # (3, T)
     reads: torch.Tensor              # (R,) rows whose hidden state the head reads, in sample order
-    targets: torch.Tensor            # (R,) each read row's target token, or -1
+    targets: torch.Tensor            # (O,) each output's target token, or -1
+    pool: Pool | None                # None: the read rows are the outputs
     visual: torch.Tensor | None      # (n_image_tokens,) rows holding image tokens, in image order
     patches: torch.Tensor | None     # (n_patches, 3*p*p) uint8
     grids: torch.Tensor | None       # (n_images, 3)
@@ -77,6 +94,23 @@ def _rows(keys: list[np.ndarray], device) -> torch.Tensor:
     return to_device(torch.from_numpy(np.concatenate(keys)), device)
 
 
+def pool_plan(samples: list[Sample], device) -> Pool | None:
+    """The samples' outputs over the batch's read rows; None when every read row is an output of its own."""
+    if all(s.outputs is None for s in samples):
+        return None
+    rows, index, read, out = [], [], 0, 0
+    for s in samples:
+        n = int(s.segments[:, 2].sum())
+        pairs = np.stack([np.arange(n), np.arange(n)], 1) if s.outputs is None else s.outputs
+        rows.append(pairs[:, 0] + read)
+        index.append(pairs[:, 1] + out)
+        read, out = read + n, out + len(s.targets)
+    index = np.concatenate(index)
+    put = lambda a: to_device(torch.from_numpy(a), device)  # noqa: E731
+    return Pool(put(np.concatenate(rows).astype(np.int64)), put(index.astype(np.int64)),
+                put(np.bincount(index, minlength=out).astype(np.float32)))
+
+
 def make_batch(samples: list[Sample], image_token_id: int | None, device: torch.device,
                window_lens: Callable[[list[tuple[int, int, int]]], list[int] | None] | None = None) -> Batch:
     """Concatenate on the host, then one copy per tensor (from pinned memory on CUDA, without blocking).
@@ -103,4 +137,4 @@ def make_batch(samples: list[Sample], image_token_id: int | None, device: torch.
     return Batch(input_ids=put(ids, torch.long),
                  positions=put(np.concatenate([s.positions for s in samples], 1), torch.long),
                  reads=put(rows), targets=put(np.concatenate([s.targets for s in samples]), torch.long),
-                 visual=visual, patches=patches, grids=grids, context=ctx)
+                 pool=pool_plan(samples, device), visual=visual, patches=patches, grids=grids, context=ctx)

@@ -1,6 +1,7 @@
-"""The readout head: at the rows the tasks read, the logits of their candidate tokens, and where a task scores
-whole continuations, the log-sum-exp over the vocabulary and each row's target logit. Nothing else of the LM head
-is ever multiplied."""
+"""Task heads over the outputs of a batch (the read rows, or their means). The readout: the logits of the tasks'
+candidate tokens, and where a task scores whole continuations, the log-sum-exp over the vocabulary and each row's
+target logit; nothing else of the LM head is ever multiplied. Hidden: the hidden states themselves (embeddings).
+ModelHead: a head the checkpoint brings (a score MLP, a projector)."""
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +21,7 @@ class Readout:
         self.candidates = torch.tensor(candidates, device=lm_head_weight.device)
 
     def __call__(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        hidden = hidden.to(self.rows.dtype)
         if self.weight is None:
             return self._cap(F.linear(hidden, self.rows).float())
         return torch.cat([self._full(h, t) for h, t in zip(hidden.split(CHUNK_ROWS), targets.split(CHUNK_ROWS))])
@@ -33,3 +35,16 @@ class Readout:
     def _cap(self, logits: torch.Tensor) -> torch.Tensor:
         """The checkpoint's final-logit soft-cap c*tanh(z/c) (Gemma2), in float32, before anything reads them."""
         return logits if self.softcap is None else torch.tanh(logits / self.softcap) * self.softcap
+
+class Hidden:
+    def __call__(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return hidden.float()
+
+
+class ModelHead:
+    def __init__(self, module: torch.nn.Module):
+        self.module = module
+        self.dtype = next(module.parameters()).dtype
+
+    def __call__(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return self.module(hidden.to(self.dtype)).float()

@@ -40,8 +40,10 @@ class Fp8Linear(nn.Module):
 
 
 def quantize_fp8(model: nn.Module, keep: tuple[str, ...] = ("lm_head",)) -> int:
-    """Replace every linear layer of `model` but those named in `keep` by an Fp8Linear; returns how many."""
-    swaps = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
+    """Replace every linear layer of `model` by an Fp8Linear, except under the top-level modules named in `keep`;
+    returns how many."""
+    swaps = [(parent, name, child) for path, parent in model.named_modules() if path.split(".")[0] not in keep
+             for name, child in parent.named_children()
              if isinstance(child, (nn.Linear, MergedLinear)) and name not in keep]
     for parent, name, child in swaps:
         setattr(parent, name, Fp8Linear(child))

@@ -105,10 +105,12 @@ class _DigestCache:
 
 
 def load_weights(model: nn.Module, model_dir: Path, renames: list[tuple[str, str]], packed: dict,
-                 tie: bool) -> None:
-    """Copy every checkpoint tensor into its parameter; refuse missing, unexpected or misshapen tensors."""
+                 tie: bool, unused: list[str] = ()) -> None:
+    """Copy every checkpoint tensor into its parameter; refuse missing, unexpected or misshapen tensors.
+    `unused`: patterns of checkpoint tensors deliberately left unread (an LM head that no task reads)."""
     params = dict(model.named_parameters())
     tie = tie and "lm_head.weight" in params  # a bare decoder (Gemma2Model) has no head to tie
+    skip = [re.compile(p) for p in unused]
     if tie:
         params.pop("lm_head.weight", None)
     fused = {n: m for n, m in model.named_modules() if isinstance(m, MergedLinear)}
@@ -119,7 +121,7 @@ def load_weights(model: nn.Module, model_dir: Path, renames: list[tuple[str, str
     for f in weight_files(model_dir):
         with safe_open(f, "pt", device="cpu") as st:
             for key in st.keys():
-                if IGNORED.search(key) or (tie and key == "lm_head.weight"):
+                if IGNORED.search(key) or (tie and key == "lm_head.weight") or any(rx.search(key) for rx in skip):
                     continue
                 name = key
                 for rx, repl in rules:
@@ -149,8 +151,11 @@ def load_weights(model: nn.Module, model_dir: Path, renames: list[tuple[str, str
                          f"(a renamed layer or a different architecture than config.json says)")
     if needed:
         missing = sorted(n if s is None else f"{n}[shard {s}]" for n, s in needed)
+        if missing == ["lm_head.weight"]:
+            raise ModelError(f"{model_dir}: the checkpoint has no LM head (it was saved without one, as embedding "
+                             f"models are), and this task reads its logits; task.type: embed needs none")
         raise ModelError(f"{model_dir}: the checkpoint lacks tensors the model needs: {_few(missing)}")
-    if tie:
+    if tie and hasattr(model, "lm_head"):
         model.lm_head.weight = model.embeddings().weight
 
 

@@ -160,7 +160,8 @@ class QwenTextLM(nn.Module):
         self.model = Decoder(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
 
-    renames: list[tuple[str, str]] = []
+    # a checkpoint saved as Qwen3Model (an embedding model) has no `model.` prefix (and no LM head)
+    renames = [(r"^(embed_tokens|layers|norm)\.", r"model.\1.")]
     packed = PACKED
 
     @classmethod

@@ -10,6 +10,7 @@ from po_batch.models import loader
 from po_batch.models.gemma import Gemma
 from po_batch.models.gemma2 import Gemma2
 from po_batch.models.loader import ModelError
+from po_batch.models.jina import JinaRerankerM0, JinaRerankerV3
 from po_batch.models.qwen2_5_vl import Qwen2_5_VL
 from po_batch.models.qwen2_vl import Qwen2VL
 from po_batch.models.qwen3_vl import Qwen3VL
@@ -30,6 +31,13 @@ CONFIG_DEFAULTS = {"gemma": {"tie_word_embeddings": True},
                    "gemma2": {"tie_word_embeddings": True, "final_logit_softcapping": 30.0}}
 
 
+# checkpoints whose architecture adds a head to a family's backbone (config.json's architectures[0])
+ARCHITECTURES: dict[str, type[nn.Module]] = {
+    "JinaVLForRanking": JinaRerankerM0,
+    "JinaForRanking": JinaRerankerV3,
+}
+
+
 def register(model_type: str, cls: type[nn.Module]) -> None:
     FAMILIES[model_type] = cls
 
@@ -43,6 +51,10 @@ class Checkpoint:
     @property
     def is_vision(self) -> bool:
         return "vision_config" in self.config
+
+    @property
+    def architecture(self) -> str | None:
+        return (self.config.get("architectures") or [None])[0]
 
     @property
     def tie(self) -> bool:
@@ -68,13 +80,21 @@ def open_checkpoint(path: str) -> Checkpoint:
     if model_type not in FAMILIES:
         raise ModelError(f"{model_dir}/config.json: model_type {model_type!r} is not supported "
                          f"(supported: {', '.join(sorted(FAMILIES))})")
-    return Checkpoint(model_dir, CONFIG_DEFAULTS.get(model_type, {}) | config, FAMILIES[model_type])
+    ckpt = Checkpoint(model_dir, CONFIG_DEFAULTS.get(model_type, {}) | config, FAMILIES[model_type])
+    ckpt.family = ARCHITECTURES.get(ckpt.architecture, ckpt.family)
+    return ckpt
 
 
-def load_model(ckpt: Checkpoint, dtype: torch.dtype, device: torch.device) -> nn.Module:
+def load_model(ckpt: Checkpoint, dtype: torch.dtype, device: torch.device, lm_head: bool = True) -> nn.Module:
+    """`lm_head`: whether anything reads the LM head; without, it is dropped and not read from the checkpoint."""
     try:
         model = loader.build(ckpt.family, ckpt.config, dtype, device)
     except (KeyError, ValueError) as e:
         raise ModelError(f"{ckpt.dir}/config.json: {e}") from None
-    loader.load_weights(model, ckpt.dir, ckpt.family.renames, ckpt.family.packed, ckpt.tie)
+    unused = []
+    if not lm_head:
+        if hasattr(model, "lm_head"):
+            del model.lm_head
+        unused.append(r"^lm_head\.")
+    loader.load_weights(model, ckpt.dir, ckpt.family.renames, ckpt.family.packed, ckpt.tie, unused)
     return model

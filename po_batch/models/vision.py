@@ -14,8 +14,10 @@ from po_batch.layers.norm import RMSNorm
 from po_batch.layers.rotary import apply_rotary, inv_freq, vision_cos_sin
 from po_batch.models.qwen_text import PACKED, Decoder, TextConfig
 
-# transformers 4.4x checkpoints keep the tower at `visual.` and the decoder at `model.`; 4.5x+ nest both under `model.`
-VL_RENAMES = [(r"^visual\.", "model.visual."), (r"^model\.(?!visual|language_model)", "model.language_model.")]
+# transformers 4.4x checkpoints keep the tower at `visual.` and the decoder at `model.`; 4.5x+ nest both under `model.`;
+# one saved as the bare *Model (an embedding model) has `visual.` and `language_model.` (and no LM head)
+VL_RENAMES = [(r"^visual\.", "model.visual."), (r"^model\.(?!visual|language_model)", "model.language_model."),
+              (r"^language_model\.", "model.language_model.")]
 
 
 def vision_rope_theta(d: dict) -> float:

@@ -73,35 +73,62 @@ def mrope_positions(length: int, start: int, gh: int, gw: int) -> np.ndarray:
     return pos
 
 
-def build_template(tokenizer, image: bool, image_token_id: int | None, merge: int = 2) -> PromptTemplate:
-    """`tokenizer` is the checkpoint's transformers tokenizer, with its chat template."""
+def render_chat(tokenizer, content, system: str | None = None) -> str:
+    """The chat template around one user turn (and a system message), up to the assistant's turn, with thinking
+    off (Qwen3's templates then render an empty think block; templates without the switch ignore it)."""
+    messages = ([{"role": "system", "content": system}] if system is not None else []) + [
+        {"role": "user", "content": content}]
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, enable_thinking=False)
+
+
+def build_template(tokenizer, image: bool, image_token_id: int | None, merge: int = 2, system: str | None = None,
+                   raw: bool = False) -> PromptTemplate:
+    """`tokenizer` is the checkpoint's transformers tokenizer, with its chat template. `raw`: no chat template,
+    the user's text with the special tokens the tokenizer itself adds (an image first, on a vision model)."""
+    backend = tokenizer.backend_tokenizer
+    enc = lambda s: backend.encode(s, add_special_tokens=False).ids  # noqa: E731
+    probe = "Probe text, with  spaces."
+    if raw:
+        whole, body = backend.encode(probe).ids, enc(probe)
+        at = next((i for i in range(len(whole) - len(body) + 1) if whole[i:i + len(body)] == body), None)
+        if at is None:
+            raise PromptError("the tokenizer's own special tokens change the user's text's tokens (template: raw)")
+        prefix, suffix = whole[:at], whole[at + len(body):]
+        if image:
+            vision = tokenizer.convert_tokens_to_ids(["<|vision_start|>", "<|vision_end|>"])
+            prefix = prefix + [vision[0], image_token_id, vision[1]]
+        after = backend.decode(suffix, skip_special_tokens=False)
+        return PromptTemplate(text_tokenizer(backend), prefix, suffix, after, image_token_id if image else None, merge)
+
     def render(text: str) -> str:
-        content = [{"type": "image"}, {"type": "text", "text": text}] if image else text
-        return tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
-                                             add_generation_prompt=True)
+        return render_chat(tokenizer, [{"type": "image"}, {"type": "text", "text": text}] if image else text, system)
 
     if tokenizer.chat_template is None:
-        raise PromptError("the checkpoint has no chat template (chat_template.jinja or tokenizer_config.json)")
+        raise PromptError("the checkpoint has no chat template (chat_template.jinja or tokenizer_config.json); "
+                          "use task.template: raw")
     rendered = render(SENTINEL)
     if rendered.count(SENTINEL) != 1:
         raise PromptError("the chat template does not place the user's text exactly once")
     before, after = rendered.split(SENTINEL)
-    probe = "Probe text, with  spaces."
     if render(probe) != before + probe + after:
         raise PromptError("the chat template rewrites the user's text; po-batch cannot reuse its rendering")
-    backend = tokenizer.backend_tokenizer
-    enc = lambda s: backend.encode(s, add_special_tokens=False).ids  # noqa: E731
     prefix, suffix = enc(before), enc(after)
     if image and prefix.count(image_token_id) != 1:
         raise PromptError(f"the chat template renders {prefix.count(image_token_id)} image placeholders "
                           f"(token id {image_token_id}); expected exactly one")
-    # the rendered template already holds whatever BOS the model wants; a tokenizer that adds one (Gemma's)
-    # must not add a second
+    # the rendered template holds every token the model wants: a tokenizer that adds its own (Gemma's BOS) must
+    # not add them again, as apply_chat_template does not
     if tokenizer(before + probe + after, add_special_tokens=False).input_ids != prefix + enc(probe) + suffix:
         raise PromptError("tokenizing the prompt's parts separately differs from tokenizing it whole")
+    return PromptTemplate(text_tokenizer(backend), prefix, suffix, after, image_token_id if image else None, merge)
+
+
+def text_tokenizer(backend) -> Tokenizer:
+    """A copy of the checkpoint's tokenizers.Tokenizer for the rows' text, where special tokens are text: a row's
+    "<|image_pad|>" is seven characters, not an image slot."""
     text = Tokenizer.from_str(backend.to_str())
-    text.encode_special_tokens = True  # a row's "<|image_pad|>" is seven characters, not an image slot
-    return PromptTemplate(text, prefix, suffix, after, image_token_id if image else None, merge)
+    text.encode_special_tokens = True
+    return text
 
 
 def in_context(template: PromptTemplate, backend, word: str) -> list[int]:

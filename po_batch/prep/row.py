@@ -1,25 +1,23 @@
-"""One row's prep, run in the pool's workers: decode and resize the image, render and tokenize each question, and
-hand back a Sample, or the row's error."""
+"""One row's prep, run in the pool's workers: decode and resize the image, render and tokenize the task's prompt,
+and hand back a Sample, or the row's error."""
 
 from dataclasses import dataclass
 
 from po_batch.prep.image import ImageError, ImageSpec, prepare, read_path
 from po_batch.prep.patches import to_patches
 from po_batch.prep.pool import RowError
-from po_batch.prep.prompt import PromptTemplate
-from po_batch.sample import Question, Sample
+from po_batch.sample import Sample
 
 
 @dataclass
 class Prep:
     """What a worker needs, sent to it once."""
-    template: PromptTemplate
-    questions: list[Question]
-    spec: ImageSpec | None       # None for text-only models
+    prompt: object               # .encode(fields, grid) -> the Sample's token fields (the task's, tasks/)
+    spec: ImageSpec | None       # None for text-only rows
     max_tokens: int              # run.batch_tokens: a longer row could never be packed
 
-    def __call__(self, row: tuple[object, dict]) -> Sample | RowError:
-        """row: (image bytes, a path or None; the prompt's fields)."""
+    def __call__(self, row: tuple[object, dict | list[dict]]) -> Sample | RowError:
+        """row: (image bytes, a path or None; the prompt's fields, or a listwise block's list of its rows' fields)."""
         image, fields = row
         try:
             patches = grid = None
@@ -29,12 +27,17 @@ class Prep:
                 data = read_path(image, self.spec.max_file_bytes) if isinstance(image, str) else image
                 pixels, grid = prepare(data, self.spec)
                 patches = to_patches(pixels, self.spec.patch_size, self.spec.merge_size)
-            sample = Sample(*self.template.encode(self.questions, fields, grid), patches, grid)
+            sample = Sample(**self.prompt.encode(fields, grid), patches=patches, grid=grid)
         except ImageError as e:
             return RowError(e.kind, str(e))
         except Exception as e:  # a bad row is data: whatever broke, it stays with the row
             return RowError("prep", f"{type(e).__name__}: {e}")
+        if sample.tokens == 0:
+            return RowError("empty", "the row's prompt has no tokens (its text is empty, with template: raw)")
         if sample.tokens > self.max_tokens:
+            if sample.rows > 1:
+                return RowError("too_long", f"the prompt of these {sample.rows} rows is {sample.tokens} tokens, over "
+                                            f"run.batch_tokens ({self.max_tokens}); raise it or lower task.block")
             return RowError("too_long", f"the row is {sample.tokens} tokens, over run.batch_tokens "
                                         f"({self.max_tokens}); raise it or lower image.max_pixels")
         return sample

@@ -63,7 +63,8 @@ class Labels(Task):
                 "label_prob": pa.array(probs[np.arange(len(best)), best]),
                 "label_probs": list_array(probs), "label_scores": list_array(scores)}
 
-    def reference(self, oracle: Oracle, text: str) -> np.ndarray:
+    def reference(self, oracle: Oracle, rows: list[dict]) -> np.ndarray:
+        text = self.question.text.format_map(rows[0])
         if self.full_vocab:
-            return np.array([oracle.logprob(text, label) for label in self.labels], dtype=np.float32)
-        return oracle.last_logits(text)[[self.candidates[i] for i in self.first]]
+            return np.array([[oracle.logprob(text, label) for label in self.labels]], dtype=np.float32)
+        return oracle.last_logits(text)[[self.candidates[i] for i in self.first]][None]

@@ -25,5 +25,5 @@ class YesNo(Task):
     def scores(self, reads: Reads) -> np.ndarray:
         return reads.cand[:, 0, :]
 
-    def reference(self, oracle: Oracle, text: str) -> np.ndarray:
-        return oracle.last_logits(text)[self.candidates]
+    def reference(self, oracle: Oracle, rows: list[dict]) -> np.ndarray:
+        return oracle.last_logits(self.question.text.format_map(rows[0]))[self.candidates][None]
