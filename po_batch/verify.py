@@ -157,7 +157,8 @@ def verify(cfg: Config, n: int, device: str, dtype: str, console: Console | None
                 table.add_row(rid, "", str(p), "skipped: po-batch flags the row", "", "", "")
             continue
         image = rows[i][0]
-        oracle.image = decode(read_path(image) if isinstance(image, str) else image, spec.image) if spec.image else None
+        data = read_path(image, spec.image.max_file_bytes) if spec.image and isinstance(image, str) else image
+        oracle.image = decode(data, spec.image) if spec.image else None
         values = [{k: "" if v is None else v for k, v in rows[j][1].items()} for j in range(i, i + n)]
         for name, task in spec.tasks.tasks.items():
             mine = task.scores(ours[name])[first[b]:first[b] + n]

@@ -24,6 +24,7 @@ class PromptTemplate:
     after: str               # the suffix as text (labels are tokenized in this context)
     image_token_id: int | None
     merge: int = 2
+    trim: bool = False       # the chat template strips the user's text (Gemma's `| trim`): so does po-batch
 
     def encode(self, questions: list[Question], fields: dict, grid: tuple[int, int, int] | None = None):
         """One row as a Sample's token fields: (ids (L,), positions (3, L), segments (S, 3), targets (R,)).
@@ -39,7 +40,8 @@ class PromptTemplate:
         values = {k: "" if v is None else v for k, v in fields.items()}  # a null renders as empty text
         segs = [(head, head_pos, -1, [])]  # (ids, positions, parent, targets of the rows read: the last ones)
         for q in questions:
-            text = self.tokenizer.encode(q.text.format_map(values), add_special_tokens=False).ids
+            rendered = q.text.format_map(values)
+            text = self.tokenizer.encode(rendered.strip() if self.trim else rendered, add_special_tokens=False).ids
             at = len(segs)
             segs.append(_child(segs, 0, text + self.suffix, [NO_TARGET]))
             segs += [_child(segs, at, list(fed), list(tgt)) for fed, tgt in q.branches]
@@ -98,7 +100,8 @@ def build_template(tokenizer, image: bool, image_token_id: int | None, merge: in
             vision = tokenizer.convert_tokens_to_ids(["<|vision_start|>", "<|vision_end|>"])
             prefix = prefix + [vision[0], image_token_id, vision[1]]
         after = backend.decode(suffix, skip_special_tokens=False)
-        return PromptTemplate(text_tokenizer(backend), prefix, suffix, after, image_token_id if image else None, merge)
+        return PromptTemplate(text_tokenizer(backend), prefix, suffix, after, image_token_id if image else None, merge,
+                          trim)
 
     def render(text: str) -> str:
         return render_chat(tokenizer, [{"type": "image"}, {"type": "text", "text": text}] if image else text, system)
@@ -112,6 +115,11 @@ def build_template(tokenizer, image: bool, image_token_id: int | None, merge: in
     before, after = rendered.split(SENTINEL)
     if render(probe) != before + probe + after:
         raise PromptError("the chat template rewrites the user's text; po-batch cannot reuse its rendering")
+    padded = f"  {probe}\n"
+    trim = render(padded) == before + probe + after
+    if not trim and render(padded) != before + padded + after:
+        raise PromptError("the chat template rewrites the whitespace around the user's text; po-batch cannot "
+                          "reuse its rendering")
     prefix, suffix = enc(before), enc(after)
     if image and prefix.count(image_token_id) != 1:
         raise PromptError(f"the chat template renders {prefix.count(image_token_id)} image placeholders "
@@ -120,7 +128,8 @@ def build_template(tokenizer, image: bool, image_token_id: int | None, merge: in
     # not add them again, as apply_chat_template does not
     if tokenizer(before + probe + after, add_special_tokens=False).input_ids != prefix + enc(probe) + suffix:
         raise PromptError("tokenizing the prompt's parts separately differs from tokenizing it whole")
-    return PromptTemplate(text_tokenizer(backend), prefix, suffix, after, image_token_id if image else None, merge)
+    return PromptTemplate(text_tokenizer(backend), prefix, suffix, after, image_token_id if image else None, merge,
+                          trim)
 
 
 def text_tokenizer(backend) -> Tokenizer:
