@@ -100,8 +100,7 @@ def build_template(tokenizer, image: bool, image_token_id: int | None, merge: in
             vision = tokenizer.convert_tokens_to_ids(["<|vision_start|>", "<|vision_end|>"])
             prefix = prefix + [vision[0], image_token_id, vision[1]]
         after = backend.decode(suffix, skip_special_tokens=False)
-        return PromptTemplate(text_tokenizer(backend), prefix, suffix, after, image_token_id if image else None, merge,
-                          trim)
+        return PromptTemplate(text_tokenizer(backend), prefix, suffix, after, image_token_id if image else None, merge)
 
     def render(text: str) -> str:
         return render_chat(tokenizer, [{"type": "image"}, {"type": "text", "text": text}] if image else text, system)
