@@ -8,7 +8,6 @@ passes, and labels (full) vs transformers scoring each label separately. Writes 
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import numpy as np

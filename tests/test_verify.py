@@ -2,7 +2,6 @@
 transformers' own implementation of the same checkpoint (float32, CPU), and verify says so."""
 
 import io
-import json
 
 import numpy as np
 import pyarrow as pa
