@@ -228,15 +228,17 @@ def build_checkpoint(path: str | Path, family: str = "qwen3_vl", seed: int = 0, 
         (path / "preprocessor_config.json").write_text(json.dumps(pre, indent=2))
         (path / "chat_template.jinja").write_text(template)
     if family == "llava_next":
-        _llava_processor(path, config.vision_config.image_size, config.vision_config.patch_size, template)
+        write_llava_processor(path, config.vision_config.image_size, config.vision_config.patch_size,
+                              LLAVA_PINPOINTS, template)
     return path
 
 
-def _llava_processor(path: Path, crop: int, patch: int, template: str) -> None:
-    """llava-v1.6-mistral-7b's processor files, at this checkpoint's sizes."""
+def write_llava_processor(path: Path, crop: int, patch: int, pinpoints: list, template: str) -> None:
+    """llava-v1.6-mistral-7b's processor files (preprocessor_config.json, processor_config.json, the chat
+    template), at the given sizes."""
     pre = {"aspect_ratio_setting": "anyres", "crop_size": {"height": crop, "width": crop}, "do_center_crop": True,
            "do_convert_rgb": True, "do_normalize": True, "do_rescale": True, "do_resize": True,
-           "image_grid_pinpoints": LLAVA_PINPOINTS, "image_mean": [0.48145466, 0.4578275, 0.40821073],
+           "image_grid_pinpoints": pinpoints, "image_mean": [0.48145466, 0.4578275, 0.40821073],
            "image_processor_type": "LlavaNextImageProcessor", "image_std": [0.26862954, 0.26130258, 0.27577711],
            "processor_class": "LlavaNextProcessor", "resample": 3, "rescale_factor": 1 / 255,
            "size": {"shortest_edge": crop}}
