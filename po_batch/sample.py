@@ -47,7 +47,7 @@ class Sample:
     positions: np.ndarray                 # int32 (axes, L): M-RoPE's (t, h, w), or one row for plain rope
     segments: np.ndarray                  # int32 (S, 3): length, parent segment (-1: none), rows read (its last)
     targets: np.ndarray                   # int32 (O,) per output, in order: the token whose logit is read, or -1
-    patches: np.ndarray | None = None     # uint8 (h*w, 3*p*p) in merge-block order, not normalised
+    patches: np.ndarray | None = None     # uint8 (N, 3*p*p): the Picture's patches
     grid: tuple[int, int, int] | None = None  # (t, h, w) in patches
     # int32 (P, 2): (read row, output) pairs, each output the mean of its read rows (a row may serve several
     # outputs); None: each read row is an output of its own, in order
