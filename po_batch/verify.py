@@ -14,6 +14,7 @@ from po_batch.config import Config, ConfigError
 from po_batch.data.parquet import read_unit, resolve_path
 from po_batch.data.plan import Unit, cut_units, list_inputs
 from po_batch.models import loader
+from po_batch.prep.families import family_prep
 from po_batch.prep.image import decode, read_path
 from po_batch.prep.pool import RowError
 from po_batch.prep.prompt import render_chat
@@ -59,16 +60,18 @@ class Transformers:
         if raw:
             prompt = text
         elif task.template == "raw":
-            prompt = ("<|vision_start|><|image_pad|><|vision_end|>" if self.image else "") + text
+            prompt = (family_prep(self.spec.ckpt.config["model_type"]).placeholder if self.image else "") + text
         else:
             content = [{"type": "image"}, {"type": "text", "text": text}] if self.image else text
             prompt = render_chat(self.proc, content, task.system) + answer
-        special = raw or task.template == "raw"  # a chat template renders every token itself
+        # a chat template renders every token itself, except where a processor adds the tokenizer's own (its BOS)
+        # to a prompt that does not begin with BOS, as ProcessorMixin.apply_chat_template does
+        bos = self.proc.tokenizer.bos_token if self.spec.ckpt.is_vision else None
+        special = raw or task.template == "raw" or (self.spec.ckpt.is_vision and not (bos and prompt.startswith(bos)))
         if self.image is None:
             return self.proc(text=[prompt], return_tensors="pt", add_special_tokens=special).to(self.spec.device)
-        spec = self.spec.image
         return self.proc(text=[prompt], images=[self.image], return_tensors="pt", add_special_tokens=special,
-                         size={"shortest_edge": spec.min_pixels, "longest_edge": spec.max_pixels}).to(self.spec.device)
+                         **self.spec.image.reference_kwargs()).to(self.spec.device)
 
     def _logits(self, inputs, keep: int):
         import torch
