@@ -195,6 +195,43 @@ def _status_lines(st: dict) -> list[str]:
         lines.append(f"markers  {plural(st['markers_other_epoch'], 'unit')} committed under a replaced plan: "
                      "not done")
     lines += [f"inputs   {path} is left out: {why}" for path, why in st["inputs_unreadable"].items()]
+    return lines + _worker_lines(st)
+
+
+WORKER_LINES = 16
+
+
+def _worker_lines(st: dict) -> list[str]:
+    """The workers that are not simply over (running, starting, dead, silent, died), one line each, the others
+    counted; then whose the dead and expired claims are."""
+    from collections import Counter
+
+    from po_batch.data.status import worker_name
+    from po_batch.progress import plural
+
+    workers = st["workers"]
+    if not workers:
+        return []
+    counts = Counter(w["state"] for w in workers)
+    lines = ["workers  " + ", ".join(f"{n} {state}" for state, n in counts.most_common())]
+    shown = [w for w in workers if w["state"] not in ("done", "stopped", "failed")]
+    for w in shown[:WORKER_LINES]:
+        what = [w["state"] + (f" (exit code {w['exit_code']})" if w["exit_code"] is not None else ""),
+                plural(w["rows"], "row")]
+        if w["state"] == "running" and w["rows_per_s"] is not None:
+            what.append(f"{w['rows_per_s']:.1f} rows/s")
+        if w["state"] == "running" and w["idle_s"] >= 60:
+            what.append(f"no row for {w['idle_s']:.0f} s")
+        what += [plural(n, f"{state} claim" if state != "live" else "claim") for state, n in w["claims"].items()]
+        what.append(f"updated {w['updated_s_ago']:.0f} s ago")
+        lines.append(f"worker   {worker_name(w)}: {', '.join(what)}")
+    if len(shown) > WORKER_LINES:
+        lines.append(f"worker   ... and {len(shown) - WORKER_LINES} more (po-batch status --json lists them)")
+    for c in st["stale_claims"]:
+        n = ", ".join(plural(c[k], f"{k} claim") for k in ("dead", "expired") if k in c)
+        whose = f"{worker_name(c['worker'])} ({c['worker']['state']})" if c["worker"] else \
+            f"{c['owner']} (no progress record)"
+        lines.append(f"claims   {n} of {whose}")
     return lines
 
 

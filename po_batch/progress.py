@@ -34,9 +34,9 @@ class Progress:
             where = f"{engines} engine processes on {device}"
         else:
             prep = plural(workers, "prep worker") if workers else "prep in the main process"
-            where = device
+            where = f"on {device}"
         self.note(f"run {config} -> {out}: {plural(self.units, 'unit')} ({plural(self.total, 'row')}) to do, "
-                  f"on {where}, {prep}")
+                  f"{where}, {prep}")
 
     def begin(self) -> None:
         """Scoring starts: the clock of the rate, and the bar or the log timer."""
@@ -99,6 +99,6 @@ class Progress:
             f"  throughput     {stats.rows / max(wall_s, 1e-9):.1f} rows/s over {wall_s:.1f} s\n"
             f"  scoring thread waited {stats.wait_prep_s:.1f} s for prep, {stats.wait_device_s:.1f} s for the device; "
             f"queuing device work took {stats.launch_s:.1f} s\n"
-            + (f"  engine processes {', '.join(engines)}\n" if engines else "") +
+            + (f"  per engine     {', '.join(engines)}\n" if engines else "") +
             f"  output         {out}  (read it with pyarrow.dataset.dataset({out!r}))",
             markup=False, highlight=False, soft_wrap=True)

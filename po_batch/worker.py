@@ -44,7 +44,7 @@ QUEUE_DEPTH = 2
 # How often the worker rewrites its progress record: often enough for a launcher's display, rarely enough for a
 # shared filesystem with a thousand workers
 RECORD_EVERY_S = 2.0
-ENDED_AS = {EXIT_DONE: "done", EXIT_OTHERS: "others", EXIT_STOPPED: "stopped"}
+ENDED_AS = {EXIT_DONE: "done", EXIT_OTHERS: "done", EXIT_STOPPED: "stopped"}  # exit 4: done, others hold the rest
 # what means the user's input or setup is wrong (exit 2), as opposed to a failure mid-run (exit 1)
 USER_ERRORS = (ConfigError, PlanError, ModelError, PromptError)
 

@@ -10,9 +10,9 @@ from po_batch.data.claims import owner_dead
 from po_batch.data.layout import WORKERS_DIR, record_name
 from po_batch.data.store import Store
 
-# states a worker writes: starting (loading the model), running, then done (exit 0), others (exit 4: the rest is
-# held by other workers), stopped (exit 3), failed (exit 1); a launcher writes died for a worker it saw die
-ENDED = ("done", "others", "stopped", "failed", "died")
+# states a worker writes: starting (loading the model), running, then done (exit 0, or 4: the rest is held by other
+# workers), stopped (exit 3), failed (exit 1); a launcher writes died for a worker it saw die
+ENDED = ("done", "stopped", "failed", "died")
 # records not rewritten for this long are removed when a run starts: a running worker rewrites its own every few
 # seconds, so these are ended or long dead ones (status would read them all, at every call)
 KEEP_S = 3600.0

@@ -115,7 +115,7 @@ class Node:
         records = self.records()
         code = self.exit_code(codes, shard)
         progress.summary(node_stats(records), time.time() - progress.start, cfg.output.path, code,
-                         engines=[f"{name} {plural(r.get('rows', 0), 'row')}" for name, r in zip(self.names, records)])
+                         engines=[f"{name}: {plural(r.get('rows', 0), 'row')}" for name, r in zip(self.names, records)])
         return code
 
     def start(self, k: int, shard: tuple[int, int] | None, config_path: str) -> None:
