@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow as pa
 
 from po_batch.config import Config, ConfigError, resolved_device, resolved_dtype, workers_count
-from po_batch.data.claims import Claims, default_owner, drop_done_claims
+from po_batch.data.claims import Claims, claim_states, default_owner, drop_done_claims
 from po_batch.data.parquet import UnitReadError, check_unique_ids, read_unit, resolve_path
 from po_batch.data.plan import Plan, PlanError, Unit, load_or_create_plan
 from po_batch.data.schema import Columns
@@ -328,6 +328,18 @@ def slice_of(plan: Plan, shard: tuple[int, int] | None, done: set[str]) -> list[
     return [u for k, u in enumerate(plan.units) if k % n == i and u.id not in done]
 
 
+def claimable(store: Store, plan: Plan, units: list[Unit], ttl_s: float) -> bool:
+    """Whether any of `units` has no live claim: if none has, the model need not load (the tail of a large array, a
+    task requeued after the others took the rest)."""
+    states = claim_states(store, plan.epoch, ttl_s)
+    return any(states.get(u.id, "free") != "live" for u in units)
+
+
+def left_to_others(n: int) -> str:
+    return (f"{plural(n, 'unit')} left to the other workers that claimed them (exit 4); a later run takes over any "
+            f"they do not commit")
+
+
 def open_output(cfg: Config, spec: Spec, restart: bool) -> tuple[Store, Plan]:
     """Plan or resume the output (safe between processes: the plan lock), and clear what crashed workers left."""
     store = open_store(cfg.output.path)
@@ -376,6 +388,10 @@ def _run(cfg: Config, restart, shard, stats, config_path: str, slot: Slot, stop:
         if slot.display:
             print(f"nothing to do: every unit of {cfg.output.path} is done ({plural(len(plan.units), 'unit')})")
         return EXIT_FAILED if plan.unreadable else EXIT_DONE
+    if runner.claims and not claimable(store, plan, todo, cfg.run.claim_ttl_s):
+        if slot.display:
+            print(f"po-batch: {left_to_others(len(todo))}", file=sys.stderr)
+        return EXIT_FAILED if plan.unreadable else EXIT_OTHERS
     progress = runner.progress = Progress(len(todo), sum(u.rows for u in todo), cfg.run.log_every_s,
                                           label=slot.name, show=slot.display)
     if stop.reason is None:  # else the note below says it
@@ -406,6 +422,5 @@ def _run(cfg: Config, restart, shard, stats, config_path: str, slot: Slot, stop:
     if slot.display:
         progress.summary(runner.stats, time.time() - started, cfg.output.path, code)
     if code == EXIT_OTHERS and slot.display:
-        progress.note(f"{plural(runner.left, 'unit')} left to the other workers that claimed them (exit 4); a later "
-                      f"run takes over any they do not commit")
+        progress.note(left_to_others(runner.left))
     return EXIT_FAILED if code in (EXIT_DONE, EXIT_OTHERS) and plan.unreadable else code

@@ -99,6 +99,9 @@ class Node:
         if not todo:
             print(f"nothing to do: every unit of {cfg.output.path} is done ({plural(len(self.plan.units), 'unit')})")
             return worker.EXIT_FAILED if self.plan.unreadable else worker.EXIT_DONE
+        if not shard and not worker.claimable(self.store, self.plan, todo, cfg.run.claim_ttl_s):
+            print(f"po-batch: {worker.left_to_others(len(todo))}", file=sys.stderr)
+            return worker.EXIT_FAILED if self.plan.unreadable else worker.EXIT_OTHERS
         progress = Progress(len(todo), sum(u.rows for u in todo), cfg.run.log_every_s)
         if self.stop.reason is None:
             self.stop.listen(lambda reason: progress.note(f"{reason}: the engine processes finish their claimed "

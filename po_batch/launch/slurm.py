@@ -83,16 +83,20 @@ def script(job: ArrayJob, first: int) -> str:
     if job.time:
         opts.append(f"--time={job.time}")
     run = [sys.executable, "-m", "po_batch.cli", "run", str(job.config)]
+    stamp = "$(date '+%Y-%m-%d %H:%M:%S') po-batch:"
     return "\n".join([
         "#!/bin/bash",
         f"# {job.tasks} array tasks of `po-batch run {job.config}`, sharing one plan through claims.",
         "# Written by `po-batch slurm`; submit it with the sbatch command(s) it printed.",
         *(f"#SBATCH {o}" for o in opts),
         "",
+        f'echo "{stamp} Slurm task $((${{PO_BATCH_TASK_OFFSET:-0}} + SLURM_ARRAY_TASK_ID)) '
+        f'(job ${{SLURM_ARRAY_JOB_ID}}_${{SLURM_ARRAY_TASK_ID}}), restart ${{SLURM_RESTART_COUNT:-0}}, on $(hostname)"',
         "# Under srun, Slurm's warning before the time limit (--signal without B:) reaches po-batch: it finishes its",
         "# batch, commits complete units, releases its claims and requeues this task.",
         f"srun {' '.join(step)} {shlex.join(run)}",
         "rc=$?",
+        f'echo "{stamp} exit $rc"',
         "# 4: this task is done, other tasks hold the rest of the units: not a failure",
         'if [ "$rc" -eq 4 ]; then rc=0; fi',
         'exit "$rc"',
