@@ -123,7 +123,7 @@ def slurm(config: ConfigArg,
           folder: Annotated[Path | None, typer.Option("--dir", help="Where the script and the logs (%A_%a.log) go "
                                                                     "(default: beside the output, OUT.slurm/).",
                                                       show_default=False)] = None,
-          submit: Annotated[bool, typer.Option("--submit", help="Submit it with sbatch and print the job id.")] = False):
+          submit: Annotated[bool, typer.Option("--submit", help="Submit it with sbatch, print the job id(s).")] = False):
     """Write the sbatch script of a Slurm array job whose tasks share this config's output; --submit submits it."""
     from po_batch.launch.slurm import ArrayJob, SlurmError, default_folder, submit as run_sbatch, write
 
@@ -204,6 +204,7 @@ WORKER_LINES = 16
 def _worker_lines(st: dict) -> list[str]:
     """The workers that are not simply over (running, starting, dead, silent, died), one line each, the others
     counted; then whose the dead and expired claims are."""
+    import time
     from collections import Counter
 
     from po_batch.data.status import worker_name
@@ -215,15 +216,16 @@ def _worker_lines(st: dict) -> list[str]:
     counts = Counter(w["state"] for w in workers)
     lines = ["workers  " + ", ".join(f"{n} {state}" for state, n in counts.most_common())]
     shown = [w for w in workers if w["state"] not in ("done", "stopped", "failed")]
+    now = time.time()
     for w in shown[:WORKER_LINES]:
         what = [w["state"] + (f" (exit code {w['exit_code']})" if w["exit_code"] is not None else ""),
                 plural(w["rows"], "row")]
         if w["state"] == "running" and w["rows_per_s"] is not None:
             what.append(f"{w['rows_per_s']:.1f} rows/s")
-        if w["state"] == "running" and w["idle_s"] >= 60:
-            what.append(f"no row for {w['idle_s']:.0f} s")
+        if w["state"] == "running" and now - w["progress_at"] >= 60:
+            what.append(f"no row for {now - w['progress_at']:.0f} s")
         what += [plural(n, f"{state} claim" if state != "live" else "claim") for state, n in w["claims"].items()]
-        what.append(f"updated {w['updated_s_ago']:.0f} s ago")
+        what.append(f"updated {max(0.0, now - w['updated_at']):.0f} s ago")
         lines.append(f"worker   {worker_name(w)}: {', '.join(what)}")
     if len(shown) > WORKER_LINES:
         lines.append(f"worker   ... and {len(shown) - WORKER_LINES} more (po-batch status --json lists them)")

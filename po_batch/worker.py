@@ -4,8 +4,8 @@ or one per GPU, under Slurm or not, and says in a Slot what the worker's record 
 
 The main thread scores; the prep pool's feeder thread reads and claims units just ahead of it; a writer thread
 commits finished units; a reporter thread rewrites the worker's progress record. SIGTERM/SIGINT/SIGUSR1 (or an
-executor's request, see stop.py) stop claiming, let claimed units finish and commit, and exit 3; a second signal exits at
-once. A unit that cannot be read fails alone (exit 1 at the end); a commit that fails (a full disk) stops the run
+executor's request, see stop.py) stop claiming, let claimed units finish and commit, and exit 3; a second signal
+exits at once. A unit that cannot be read fails alone (exit 1 at the end); a commit that fails (a full disk) stops the run
 at once (exit 1)."""
 
 import collections
@@ -23,6 +23,7 @@ import pyarrow as pa
 from po_batch.config import Config, ConfigError, resolved_device, resolved_dtype, workers_count
 from po_batch.data.claims import Claims, claim_states, default_owner, drop_done_claims
 from po_batch.data.parquet import UnitReadError, check_unique_ids, read_unit, resolve_path
+from po_batch.data.markers import scan
 from po_batch.data.plan import Plan, PlanError, Unit, load_or_create_plan
 from po_batch.data.schema import Columns
 from po_batch.data.sink import LostUnit, Sink, clean_orphans
@@ -328,16 +329,32 @@ def slice_of(plan: Plan, shard: tuple[int, int] | None, done: set[str]) -> list[
     return [u for k, u in enumerate(plan.units) if k % n == i and u.id not in done]
 
 
-def claimable(store: Store, plan: Plan, units: list[Unit], ttl_s: float) -> bool:
-    """Whether any of `units` has no live claim: if none has, the model need not load (the tail of a large array, a
-    task requeued after the others took the rest)."""
-    states = claim_states(store, plan.epoch, ttl_s)
-    return any(states.get(u.id, "free") != "live" for u in units)
-
-
 def left_to_others(n: int) -> str:
     return (f"{plural(n, 'unit')} left to the other workers that claimed them (exit 4); a later run takes over any "
             f"they do not commit")
+
+
+def work_left(cfg: Config, store: Store, plan: Plan, shard: tuple[int, int] | None,
+              say: bool = True) -> tuple[list[Unit], int | None]:
+    """The units of the slice not done, and the exit code of a run that can do none of them: all done, or every one
+    held by a live claim of another worker (then the model need not load: the tail of a large array, a task
+    requeued after the others took the rest). `say`: print why, and which inputs were left out of the plan."""
+    if say:
+        for path, why in plan.unreadable.items():
+            print(f"po-batch: input {path} is left out: {why}", file=sys.stderr)
+    todo = slice_of(plan, shard, scan(store, plan.epoch).done)
+    code = EXIT_FAILED if plan.unreadable else None
+    if not todo:
+        if say:
+            print(f"nothing to do: every unit of {cfg.output.path} is done ({plural(len(plan.units), 'unit')})")
+        return todo, code or EXIT_DONE
+    if not shard:
+        states = claim_states(store, plan.epoch, cfg.run.claim_ttl_s)
+        if all(states.get(u.id) == "live" for u in todo):
+            if say:
+                print(f"po-batch: {left_to_others(len(todo))}", file=sys.stderr)
+            return todo, code or EXIT_OTHERS
+    return todo, None
 
 
 def open_output(cfg: Config, spec: Spec, restart: bool) -> tuple[Store, Plan]:
@@ -380,18 +397,9 @@ def _run(cfg: Config, restart, shard, stats, config_path: str, slot: Slot, stop:
     stop.listen(lambda _: setattr(runner, "stopping", True))
     if stats is not None:
         runner.stats = stats
-    if slot.display:
-        for path, why in plan.unreadable.items():
-            print(f"po-batch: input {path} is left out: {why}", file=sys.stderr)
-    todo = runner.candidates()
-    if not todo:
-        if slot.display:
-            print(f"nothing to do: every unit of {cfg.output.path} is done ({plural(len(plan.units), 'unit')})")
-        return EXIT_FAILED if plan.unreadable else EXIT_DONE
-    if runner.claims and not claimable(store, plan, todo, cfg.run.claim_ttl_s):
-        if slot.display:
-            print(f"po-batch: {left_to_others(len(todo))}", file=sys.stderr)
-        return EXIT_FAILED if plan.unreadable else EXIT_OTHERS
+    todo, code = work_left(cfg, store, plan, shard, slot.display)
+    if code is not None:
+        return code
     progress = runner.progress = Progress(len(todo), sum(u.rows for u in todo), cfg.run.log_every_s,
                                           label=slot.name, show=slot.display)
     if stop.reason is None:  # else the note below says it

@@ -118,7 +118,8 @@ def test_a_killed_engine_process_is_reported_and_the_others_take_over_its_units(
         kill_group(p)
     assert code == 1, err  # the node says an engine process failed ...
     assert re.search(rf"po-batch: engine process engine 1 \(pid {victim['pid']}\) was killed by signal 9 \(exit code "
-                     rf"-9\); its \d+ claimed units? \(.*{victim['held'][0]}.*\) go to the other engine processes", err), err
+                     rf"-9\); its \d+ claimed units? \(.*{victim['held'][0]}.*\) go to the other engine processes",
+                     err), err
     # ... yet every row is there once: the other one took over the units it held
     assert_each_input_row_once(out, rows)
     assert_scores_equal(out, clean_run)
@@ -227,9 +228,19 @@ def test_status_names_each_worker_and_whose_claims_are_dead_or_expired(corpus, t
     short = write_config(tmp_path / "short.yaml", tiny_qwen3_vl, [root / "data"], out, rows_per_unit=8,
                          claim_ttl_s=3)
     b = start(short, "--gpus", "2", threads=1)
+
+    def each_engine_holds_a_claim() -> bool:
+        owners = set()
+        for name in claim_files(out):
+            try:
+                owners.add(owner_pid(json.loads((out / "_po_batch" / "claims" / name).read_text())))
+            except (FileNotFoundError, ValueError):
+                pass
+        engines = {r["pid"] for r in records(out) if r.get("engine") is not None}
+        return len(engines) == 2 and engines <= owners
+
     try:
-        wait_for(lambda: any(r.get("engine") == 1 and r["state"] == "running" for r in records(out))
-                 and len(claim_files(out)) >= 2, b, "two engine processes scoring")
+        wait_for(each_engine_holds_a_claim, b, "two engine processes scoring")
         os.killpg(b.pid, signal.SIGSTOP)  # suspended past the ttl: the claims expire, the records fall silent
         import time
         time.sleep(4)
@@ -239,6 +250,7 @@ def test_status_names_each_worker_and_whose_claims_are_dead_or_expired(corpus, t
         kill_group(b)
     engines = [r for r in records(out) if r.get("engine") is not None]
     for r in engines:
-        assert re.search(rf"^worker   {os.uname().nodename} pid {r['pid']} engine {r['engine']}: silent, ", text, re.M), text
+        name = f"{os.uname().nodename} pid {r['pid']} engine {r['engine']}"
+        assert re.search(rf"^worker   {name}: silent, ", text, re.M), text
     assert re.search(rf"^claims   \d+ expired claims? of {os.uname().nodename} pid \d+ engine [01] \(silent\)$", text,
                      re.M), text

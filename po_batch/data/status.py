@@ -97,7 +97,7 @@ def _workers(records: list[dict], held: dict, ttl_s: float, now: float) -> list[
     return [{**{k: r.get(k) for k in WHERE}, "owner": r["owner"], "state": record_state(r, ttl_s, now),
              "exit_code": r.get("exit_code"), "rows": r.get("rows", 0), "row_errors": r.get("row_errors", 0),
              "units": r.get("units", 0), "rows_per_s": r.get("rows_per_s"),
-             "updated_s_ago": now - r.get("updated_at", now), "idle_s": now - r.get("progress_at", now),
+             "updated_at": r.get("updated_at"), "progress_at": r.get("progress_at"),
              "claims": dict(by_owner.get(r["owner"], {}))} for r in records]
 
 

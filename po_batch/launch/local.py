@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from po_batch import worker
 from po_batch.config import Config, engines_count, resolved_device, resolved_dtype, workers_count
-from po_batch.data.claims import claims_of
+from po_batch.data.claims import claims_of, owner_prefix
 from po_batch.data.markers import mark_failed, scan
 from po_batch.data.workers import read_records, write_record
 from po_batch.progress import Progress, plural
@@ -93,15 +93,9 @@ class Node:
         spec = open_spec(cfg, self.device, dtype, workers_count(cfg, self.cores))
         # planned here, once: the engine processes load this plan (a --restart here, not in each of them)
         self.store, self.plan = worker.open_output(cfg, spec, restart)
-        todo = worker.slice_of(self.plan, shard, scan(self.store, self.plan.epoch).done)
-        for path, why in self.plan.unreadable.items():
-            print(f"po-batch: input {path} is left out: {why}", file=sys.stderr)
-        if not todo:
-            print(f"nothing to do: every unit of {cfg.output.path} is done ({plural(len(self.plan.units), 'unit')})")
-            return worker.EXIT_FAILED if self.plan.unreadable else worker.EXIT_DONE
-        if not shard and not worker.claimable(self.store, self.plan, todo, cfg.run.claim_ttl_s):
-            print(f"po-batch: {worker.left_to_others(len(todo))}", file=sys.stderr)
-            return worker.EXIT_FAILED if self.plan.unreadable else worker.EXIT_OTHERS
+        todo, code = worker.work_left(cfg, self.store, self.plan, shard)
+        if code is not None:
+            return code
         progress = Progress(len(todo), sum(u.rows for u in todo), cfg.run.log_every_s)
         if self.stop.reason is None:
             self.stop.listen(lambda reason: progress.note(f"{reason}: the engine processes finish their claimed "
@@ -177,13 +171,14 @@ class Node:
         p, name = self.procs[k], self.names[k]
         how = f"was killed by signal {-rc}" if rc < 0 else f"failed with exit code {rc}"
         reason = f"engine process {name} (pid {p.pid}) {how}"
+        record = self.records()[k]
         units = claims_of(self.store, p.pid)
         for unit_id in units:
-            mark_failed(self.store, unit_id, self.plan.epoch, f"{reason} while scoring it", f"pid {p.pid}")
+            mark_failed(self.store, unit_id, self.plan.epoch, f"{reason} while scoring it",
+                        record.get("owner", owner_prefix(p.pid)))
         held = f"; its {plural(len(units), 'claimed unit')} ({', '.join(units)}) go to the other engine processes" \
             if units else ""
         progress.note(f"{reason} (exit code {rc}){held}")
-        record = self.records()[k]
         if record:
             write_record(self.store, {**record, "state": "died", "exit_code": rc, "updated_at": time.time()})
 
