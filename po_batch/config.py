@@ -519,6 +519,12 @@ def config_from_dict(data: dict, base_dir: str | Path | None = None) -> Config:
         raise ConfigError(_message(errs[0])) from None
 
 
+def config_to_dict(cfg: Config) -> dict:
+    """The validated config as JSON that config_from_dict takes back unchanged (what a launcher hands its engine
+    processes): only the keys the user set, since a default written out reads as set (a question's `system`)."""
+    return cfg.model_dump(mode="json", exclude_unset=True)
+
+
 def load_config(path: str | Path) -> Config:
     """Read and validate config.yaml; relative local paths resolve against the file's folder."""
     path = Path(path)

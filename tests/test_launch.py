@@ -25,7 +25,7 @@ from test_pipeline import (
     write_config,
 )
 
-from po_batch.config import ConfigError, config_from_dict, engines_count
+from po_batch.config import ConfigError, config_from_dict, config_to_dict, engines_count
 
 pytestmark = pytest.mark.slow
 
@@ -254,3 +254,20 @@ def test_status_names_each_worker_and_whose_claims_are_dead_or_expired(corpus, t
         assert re.search(rf"^worker   {name}: silent, ", text, re.M), text
     assert re.search(rf"^claims   \d+ expired claims? of {os.uname().nodename} pid \d+ engine [01] \(silent\)$", text,
                      re.M), text
+
+
+@pytest.mark.parametrize("task", [
+    {"prompt": "Is it a {q}?"},
+    {"type": "labels", "prompt": "Which?", "labels": ["cat", "dog"], "system": "Be brief."},
+    {"questions": {"a": {"prompt": "Is it a {q}?"}, "b": {"type": "labels", "prompt": "Which?", "labels": ["x", "y"]}},
+     "system": "Be brief."},
+    {"type": "embed", "pooling": "mean", "dim": 8, "template": "raw"},
+    {"type": "rerank", "query": "{q}", "recipe": "qwen3"},
+])
+def test_a_config_reaches_the_engine_processes_as_it_was_validated(tmp_path, task):
+    cfg = config_from_dict({"model": {"path": "./model"}, "input": {"paths": ["data/*.parquet"], "columns": ["q"]},
+                            "task": task, "image": {"min_pixels": 64}, "output": {"path": "out"},
+                            "run": {"gpus": 2, "workers": 3}}, base_dir=tmp_path)
+    sent = json.loads(json.dumps(config_to_dict(cfg)))  # as the launcher writes it to an engine process's stdin
+    assert config_from_dict(sent) == cfg
+    assert sent["input"]["paths"] == [str(tmp_path / "data" / "*.parquet")]  # resolved once, by the launcher

@@ -1,7 +1,8 @@
 """Slurm array jobs on a real one-node Slurm (tests/slurm_cluster.py), CPU and the tiny model: the array that
 `po-batch slurm` wrote, with one task requeued mid-run, another cancelled and the array submitted again, writes every
 row once with the scores of a local run; a task warned before its time limit commits and requeues itself; an array
-over MaxArraySize goes in pieces with offsets, and exit 4 (other workers hold the rest) completes a task."""
+over MaxArraySize goes in pieces with offsets, exit 4 (other workers hold the rest) completes a task, and a submission
+that sbatch refuses is one line."""
 
 import json
 import os
@@ -220,3 +221,14 @@ def test_an_array_over_max_array_size_goes_in_pieces_and_exit_4_completes_its_ta
         state = cluster.job(name)
         assert (state["JobState"], state["ExitCode"]) == ("COMPLETED", "0:0"), (name, state)
     assert seen == {0: f"{jobs[0]}_0", 1: f"{jobs[0]}_1", 2: f"{jobs[0]}_2", 3: f"{jobs[1]}_0", 4: f"{jobs[1]}_1"}
+
+
+def test_a_submission_that_sbatch_refuses_is_one_line_naming_the_script(cluster, corpus, tiny_qwen3_vl, tmp_path):
+    cfg = config(tmp_path, tiny_qwen3_vl, corpus)
+    res = subprocess.run([sys.executable, "-m", "po_batch.cli", "slurm", str(cfg), "--tasks", "2", "--gpus-per-task",
+                          "0", "--partition", "nosuch", "--submit"], capture_output=True, text=True,
+                         env=slurm_env(cluster), timeout=120)
+    assert res.returncode == 1, res.stderr
+    assert res.stderr.startswith(f"po-batch: sbatch refused {tmp_path}/out.slurm/po-batch.sbatch: Batch job "
+                                 "submission failed: Invalid partition name specified"), res.stderr
+    assert res.stderr.count("\n") == 1 and not cluster.jobs()

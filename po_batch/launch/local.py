@@ -14,7 +14,7 @@ from collections import Counter
 from dataclasses import dataclass
 
 from po_batch import worker
-from po_batch.config import Config, engines_count, resolved_device, resolved_dtype, workers_count
+from po_batch.config import Config, config_to_dict, engines_count, resolved_device, resolved_dtype, workers_count
 from po_batch.data.claims import claims_of, owner_prefix
 from po_batch.data.markers import mark_failed, scan
 from po_batch.data.workers import read_records, write_record
@@ -121,7 +121,7 @@ class Node:
             env["CUDA_VISIBLE_DEVICES"] = self.ids[k]
         # engine k of n takes every n-th unit of a static shard I/N: together they cover the shard once
         sub = shard and (shard[0] + shard[1] * k, shard[1] * len(self.ids))
-        job = {"config": self.cfg.model_dump(mode="json"), "config_path": config_path, "shard": sub,
+        job = {"config": config_to_dict(self.cfg), "config_path": config_path, "shard": sub,
                "labels": {**self.labels, "gpu": self.ids[k], "engine": k}, "cores": self.cores,
                "name": self.names[k]}
         p = subprocess.Popen([sys.executable, "-m", "po_batch.launch.child"], stdin=subprocess.PIPE, env=env,

@@ -129,8 +129,9 @@ def submit(cmds: list[list[str]]) -> list[str]:
             res = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
         except OSError as e:
             raise SlurmError(f"cannot run sbatch ({e.strerror})") from None
-        if res.returncode:
-            raise SlurmError(f"sbatch refused {cmd[-1]}: {res.stderr.strip() or res.stdout.strip()}")
+        if res.returncode:  # sbatch's last line says why ("Batch job submission failed: Invalid partition ...")
+            why = (res.stderr.strip() or res.stdout.strip() or f"exit code {res.returncode}").splitlines()[-1]
+            raise SlurmError(f"sbatch refused {cmd[-1]}: {why.removeprefix('sbatch: error: ')}")
         ids.append(res.stdout.strip().split(";")[0])
     return ids
 
