@@ -5,7 +5,6 @@ over MaxArraySize goes in pieces with offsets, exit 4 (other workers hold the re
 that sbatch refuses is one line."""
 
 import json
-import os
 import random
 import re
 import subprocess

@@ -169,7 +169,7 @@ class Node:
         """Say so loudly, mark the units it held failed (status shows why until another worker commits them),
         and record its death in its progress record."""
         p, name = self.procs[k], self.names[k]
-        how = f"was killed by signal {-rc}" if rc < 0 else f"failed with exit code {rc}"
+        how = f"was killed by signal {-rc}" if rc < 0 else "failed"
         reason = f"engine process {name} (pid {p.pid}) {how}"
         record = self.records()[k]
         units = claims_of(self.store, p.pid)
