@@ -67,11 +67,14 @@ def config(tmp_path, ckpt, corpus, name="config.yaml") -> Path:
 
 @pytest.fixture(scope="module")
 def local_run(corpus, tiny_qwen3_vl, tmp_path_factory):
-    """The same config run locally on one thread, as the tasks run (OMP_NUM_THREADS=1 below): the reference."""
+    """The same config run locally on one thread, as the tasks run (OMP_NUM_THREADS=1 below): the reference scores,
+    and how long this machine takes from a start to the first commit."""
     base = tmp_path_factory.mktemp("local")
+    t = time.time()
     code, err = finish(start(config(base, tiny_qwen3_vl, corpus), threads=1))
     assert code == 0, err
-    return output(base / "out")
+    first = min(m["finished_at"] for m in markers(base / "out").values())
+    return output(base / "out"), first - t
 
 
 def slurm_env(cluster) -> dict:
@@ -104,7 +107,7 @@ def logs(out: Path) -> dict[str, str]:
 
 
 def assert_same_scores(out: Path, local) -> None:
-    got = output(out)
+    local, got = local[0], output(out)
     for name in local.column_names:
         assert got.column(name).equals(local.column(name)), f"{name} differs from the local run's"
 
@@ -160,9 +163,10 @@ def test_a_task_warned_before_its_time_limit_commits_requeues_itself_and_the_arr
     cfg = config(tmp_path, tiny_qwen3_vl, corpus)
     out = tmp_path / "out"
     # --time 1 with the default warning 120 s before the limit: slurmctld sends it at its first time-limit check
-    # after the start, and it checks every 30 s from its own start. Submit 12 s before a check, so the warning
-    # comes mid-run: after the model loaded, before the corpus is done.
-    time.sleep((cluster.CHECK_S - 12 - (time.time() - cluster.started_at)) % cluster.CHECK_S)
+    # after the start, and it checks every 30 s from its own start. Submit a little more than a start takes here
+    # before a check, so that the warning comes mid-run: after the first commits, before the corpus is done.
+    lead = min(cluster.CHECK_S - 4, 1.3 * local_run[1] + 4)
+    time.sleep((cluster.CHECK_S - lead - (time.time() - cluster.started_at)) % cluster.CHECK_S)
     job = po_batch_slurm(cluster, cfg, "--tasks", 1, "--time", 1, "--submit").stdout.split()[0]
     cluster.wait_for_empty_queue(timeout=240)
 
