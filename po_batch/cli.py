@@ -1,7 +1,8 @@
-"""The po-batch command line: run, status, verify, topk, nearest, demo. Exit codes: 0 done, 1 failed, 2 usage or
-config error, 3 stopped by a signal with work left."""
+"""The po-batch command line: run, slurm, status, verify, topk, nearest, demo. Exit codes: 0 done, 1 failed, 2 usage
+or config error, 3 stopped by a signal with work left, 4 done here while other workers hold the rest."""
 
 import json
+import shlex
 import sys
 import traceback
 from importlib import metadata
@@ -33,12 +34,9 @@ def _config(path: Path):
 
 def _user_errors():
     """Errors that mean the user's input or setup is wrong (exit 2), as opposed to a failure mid-run (exit 1)."""
-    from po_batch.config import ConfigError
-    from po_batch.data.errors import PlanError
-    from po_batch.models.loader import ModelError
-    from po_batch.prep.prompt import PromptError
+    from po_batch.worker import USER_ERRORS
 
-    return ConfigError, PlanError, ModelError, PromptError
+    return USER_ERRORS
 
 
 def _parse_shard(shard: str | None) -> tuple[int, int] | None:
@@ -65,18 +63,37 @@ def _options(version: Annotated[bool, typer.Option("--version", callback=_versio
     pass
 
 
+def _parse_gpus(gpus: str | None):
+    from po_batch.config import parse_gpus
+
+    if gpus is None:
+        return None
+    try:
+        return parse_gpus(gpus)
+    except ValueError as e:
+        _fail(2, f"--gpus: {e}")
+
+
 @app.command()
 def run(config: ConfigArg,
         restart: Annotated[bool, typer.Option("--restart", help="Discard the output's plan and results first.")] = False,
         shard: Annotated[str | None, typer.Option(help="Static slice I/N of the units, without claims "
-                                                       "(for filesystems without atomic create).")] = None):
+                                                       "(for filesystems without atomic create).")] = None,
+        gpus: Annotated[str | None, typer.Option(help="Engine processes, one per GPU: auto or N (overrides "
+                                                      "run.gpus; N CPU engine processes with model.device: cpu).",
+                                                 show_default=False)] = None):
     """Run or resume scoring: plan the inputs once, claim units, score them, commit each as a Parquet part."""
-    part = _parse_shard(shard)
+    from po_batch.stop import Stop
+
+    stop = Stop()
+    stop.install()  # a Slurm warning or a TERM while torch imports is heard, not its default action (USR1 kills)
+    part, count = _parse_shard(shard), _parse_gpus(gpus)
     cfg = _config(config)  # before importing torch: a config error is reported in a moment
-    from po_batch import pipeline
+    from po_batch.launch import local, slurm
 
     try:
-        code = pipeline.run(cfg, restart=restart, shard=part, config_path=str(config))
+        outcome = local.run(cfg, restart=restart, shard=part, config_path=str(config), gpus=count,
+                            labels=slurm.task_labels(), stop=stop)
     except _user_errors() as e:
         _fail(2, str(e))
     except KeyboardInterrupt:
@@ -84,7 +101,49 @@ def run(config: ConfigArg,
     except Exception as e:  # committed units stay committed; a rerun resumes from them
         traceback.print_exc()
         _fail(1, f"the run failed ({type(e).__name__}: {e}); committed units are kept, rerun to resume")
-    raise typer.Exit(code)
+    slurm.requeue_if_warned(outcome.code, outcome.stopped_by, note=lambda line: typer.echo(line, err=True))
+    raise typer.Exit(outcome.code)
+
+
+@app.command()
+def slurm(config: ConfigArg,
+          tasks: Annotated[int, typer.Option(min=1, help="Array tasks; each runs `po-batch run CONFIG` on its GPUs.",
+                                             show_default=False)],
+          gpus_per_task: Annotated[int, typer.Option(min=0, help="GPUs per task (0: CPU).")] = 1,
+          cpus_per_task: Annotated[int | None, typer.Option(min=1, help="CPU cores per task (prep workers).",
+                                                            show_default=False)] = None,
+          partition: Annotated[str | None, typer.Option(help="Slurm partition.", show_default=False)] = None,
+          time: Annotated[str | None, typer.Option(help="Time limit per task, as sbatch takes it (e.g. 4:00:00); "
+                                                        "a task warned before it commits and requeues itself.",
+                                                   show_default=False)] = None,
+          throttle: Annotated[int | None, typer.Option(min=1, help="At most K tasks at once (--array=...%K).",
+                                                       show_default=False)] = None,
+          signal_s: Annotated[int, typer.Option("--signal-s", min=1, help="Seconds before the time limit that "
+                                                                          "po-batch is warned (SIGUSR1).")] = 120,
+          folder: Annotated[Path | None, typer.Option("--dir", help="Where the script and the logs (%A_%a.log) go "
+                                                                    "(default: beside the output, OUT.slurm/).",
+                                                      show_default=False)] = None,
+          submit: Annotated[bool, typer.Option("--submit", help="Submit it with sbatch, print the job id(s).")] = False):
+    """Write the sbatch script of a Slurm array job whose tasks share this config's output; --submit submits it."""
+    from po_batch.launch.slurm import ArrayJob, SlurmError, default_folder, submit as run_sbatch, write
+
+    cfg = _config(config)
+    job = ArrayJob(config.resolve(), tasks, (folder or default_folder(cfg.output.path)).resolve(), gpus_per_task,
+                   cpus_per_task, partition, time, throttle, signal_s)
+    try:
+        cmds = write(job)
+    except OSError as e:
+        _fail(2, f"cannot write {job.script_path} ({e.strerror})")
+    if not submit:
+        typer.echo(job.script_path.read_text())
+        typer.echo(f"# wrote {job.script_path}; submit it with:")
+        typer.echo("\n".join(shlex.join(c) for c in cmds))
+        return
+    try:
+        ids = run_sbatch(cmds)
+    except SlurmError as e:
+        _fail(1, str(e))
+    typer.echo("\n".join(ids))
 
 
 @app.command()
@@ -136,6 +195,45 @@ def _status_lines(st: dict) -> list[str]:
         lines.append(f"markers  {plural(st['markers_other_epoch'], 'unit')} committed under a replaced plan: "
                      "not done")
     lines += [f"inputs   {path} is left out: {why}" for path, why in st["inputs_unreadable"].items()]
+    return lines + _worker_lines(st)
+
+
+WORKER_LINES = 16
+
+
+def _worker_lines(st: dict) -> list[str]:
+    """The workers that are not simply over (running, starting, dead, silent, died), one line each, the others
+    counted; then whose the dead and expired claims are."""
+    import time
+    from collections import Counter
+
+    from po_batch.data.status import worker_name
+    from po_batch.progress import plural
+
+    workers = st["workers"]
+    if not workers:
+        return []
+    counts = Counter(w["state"] for w in workers)
+    lines = ["workers  " + ", ".join(f"{n} {state}" for state, n in counts.most_common())]
+    shown = [w for w in workers if w["state"] not in ("done", "stopped", "failed")]
+    now = time.time()
+    for w in shown[:WORKER_LINES]:
+        what = [w["state"] + (f" (exit code {w['exit_code']})" if w["exit_code"] is not None else ""),
+                plural(w["rows"], "row")]
+        if w["state"] == "running" and w["rows_per_s"] is not None:
+            what.append(f"{w['rows_per_s']:.1f} rows/s")
+        if w["state"] == "running" and now - w["progress_at"] >= 60:
+            what.append(f"no row for {now - w['progress_at']:.0f} s")
+        what += [plural(n, f"{state} claim" if state != "live" else "claim") for state, n in w["claims"].items()]
+        what.append(f"updated {max(0.0, now - w['updated_at']):.0f} s ago")
+        lines.append(f"worker   {worker_name(w)}: {', '.join(what)}")
+    if len(shown) > WORKER_LINES:
+        lines.append(f"worker   ... and {len(shown) - WORKER_LINES} more (po-batch status --json lists them)")
+    for c in st["stale_claims"]:
+        n = ", ".join(plural(c[k], f"{k} claim") for k in ("dead", "expired") if k in c)
+        whose = f"{worker_name(c['worker'])} ({c['worker']['state']})" if c["worker"] else \
+            f"{c['owner']} (no progress record)"
+        lines.append(f"claims   {n} of {whose}")
     return lines
 
 

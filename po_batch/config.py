@@ -307,7 +307,10 @@ class OutputConfig(_Section):
 
 class RunConfig(_Section):
     batch_tokens: Annotated[int, Field(ge=256)] = 16384
-    workers: int | Literal["auto"] = "auto"  # 0 = prep in the main process
+    # engine processes, one per GPU (CUDA_VISIBLE_DEVICES each, no NCCL): auto = every visible GPU, 1 on the CPU;
+    # N CPU engine processes with model.device: cpu
+    gpus: int | Literal["auto"] = "auto"
+    workers: int | Literal["auto"] = "auto"  # prep processes per engine process; 0 = prep in the engine process
     rows_per_unit: Annotated[int, Field(ge=1)] = 4096
     claim_ttl_s: Annotated[float, Field(gt=0)] = 300
     log_every_s: Annotated[float, Field(gt=0)] = 30
@@ -321,6 +324,20 @@ class RunConfig(_Section):
         if v == "auto" or (type(v) is int and v >= 0):
             return v
         raise ValueError(f"must be 'auto' or an integer >= 0 (got {_show(v)})")
+
+    @field_validator("gpus", mode="before")
+    @classmethod
+    def _gpus(cls, v: Any) -> Any:
+        return parse_gpus(v)
+
+
+def parse_gpus(v: Any) -> int | str:
+    """run.gpus or --gpus: 'auto' or a count of at least 1 (a digit string from the command line too)."""
+    if isinstance(v, str) and v.isdigit():
+        v = int(v)
+    if v == "auto" or (type(v) is int and v >= 1):
+        return v
+    raise ValueError(f"must be 'auto' or an integer >= 1 (got {_show(v)})")
 
 
 class Config(_Section):
@@ -502,6 +519,12 @@ def config_from_dict(data: dict, base_dir: str | Path | None = None) -> Config:
         raise ConfigError(_message(errs[0])) from None
 
 
+def config_to_dict(cfg: Config) -> dict:
+    """The validated config as JSON that config_from_dict takes back unchanged (what a launcher hands its engine
+    processes): only the keys the user set, since a default written out reads as set (a question's `system`)."""
+    return cfg.model_dump(mode="json", exclude_unset=True)
+
+
 def load_config(path: str | Path) -> Config:
     """Read and validate config.yaml; relative local paths resolve against the file's folder."""
     path = Path(path)
@@ -529,10 +552,28 @@ def resolved_dtype(cfg: Config, device: str) -> str:
 
 
 def workers_count(cfg: Config, cpu_count: int) -> int:
-    """Prep processes to start: 0 means prep runs in the main process."""
+    """Prep processes to start for one engine process that may use `cpu_count` cores (its share of the node's):
+    0 means prep runs in the engine process."""
     if cfg.run.workers == "auto":
         return max(1, cpu_count - 1)
     return cfg.run.workers
+
+
+def engines_count(cfg: Config, device: str, visible_gpus: int, gpus: int | str | None = None) -> int:
+    """Engine processes to start on this node: one per GPU on CUDA, as many as asked on the CPU (auto: one).
+    `gpus` overrides run.gpus (the --gpus option); `device` is resolved_device's."""
+    gpus = cfg.run.gpus if gpus is None else gpus
+    if device == "cpu":
+        if gpus != "auto" and cfg.model.device != "cpu":
+            raise ConfigError(f"run.gpus: {gpus} asked for, but no CUDA device is available (set model.device: cpu "
+                              f"to run {gpus} CPU engine processes)")
+        return 1 if gpus == "auto" else gpus
+    if gpus == "auto":
+        return visible_gpus
+    if gpus > visible_gpus:
+        raise ConfigError(f"run.gpus: {gpus} asked for, but {visible_gpus} GPU{'s are' if visible_gpus > 1 else ' is'} "
+                          f"visible (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')})")
+    return gpus
 
 
 # --- fingerprint ---------------------------------------------------------------------------------

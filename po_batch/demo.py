@@ -131,7 +131,7 @@ def po_batch_command() -> str:
 def run_demo(directory: Path, rows: int) -> int:
     directory = Path(directory)
     claim_folder(directory)
-    from po_batch import pipeline
+    from po_batch import worker
     from po_batch.config import load_config
     from po_batch.tiny import build_checkpoint
 
@@ -142,7 +142,7 @@ def run_demo(directory: Path, rows: int) -> int:
     config, out, exe = directory / "config.yaml", directory / "out", po_batch_command()
     config.write_text(CONFIG)
     print(f"planted {bad} corrupt rows; running: {exe} run {shlex.quote(str(config))} --restart")
-    code = pipeline.run(load_config(config), restart=True, config_path=str(config))
+    code = worker.run(load_config(config), restart=True, config_path=str(config))
     read = f"import pyarrow.dataset as ds; print(ds.dataset({json.dumps(str(out))}).to_table().slice(0, 5).to_pylist())"
     print(f"\nread the results:\n"
           f"  {shell_word(sys.executable)} -c {shlex.quote(read)}\n"

@@ -22,7 +22,7 @@ def main():
 
     import benchlib
     from bench_engine import VL_PROMPT
-    from po_batch import pipeline
+    from po_batch import worker
     from po_batch.config import config_from_dict
     from po_batch.data.markers import scan
     from po_batch.data.planfile import read_plan_doc
@@ -74,10 +74,10 @@ def main():
 
     runs = {}
     for depth in map(int, args.depths.split(",")):
-        pipeline.QUEUE_DEPTH = depth
+        worker.QUEUE_DEPTH = depth
         t = time.perf_counter()
-        stats = pipeline.RunStats()
-        code = pipeline.run(cfg, restart=True, stats=stats)
+        stats = worker.RunStats()
+        code = worker.run(cfg, restart=True, stats=stats)
         wall = time.perf_counter() - t
         store = open_store(cfg.output.path)
         ledger = scan(store, read_plan_doc(store)["epoch"])
@@ -92,7 +92,7 @@ def main():
               "prep_ms_per_image_one_core": prep_ms, "engine_only_rows_per_s": engine_rate,
               "engine_only_launch_s_per_1024": engine_launch_s, "by_queue_depth": runs}
     if args.busy:
-        record["device_busy"] = device_busy(lambda: pipeline.run(cfg, restart=True))
+        record["device_busy"] = device_busy(lambda: worker.run(cfg, restart=True))
     benchlib.write_json(Path(args.out), record)
     print(json.dumps(record, indent=1))
     print(f"\n{'depth':>6}{'engine-only/s':>14}{'e2e steady/s':>14}{'ratio':>8}{'e2e incl. start/s':>19}{'prep ms/img':>12}")

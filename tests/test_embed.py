@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from rich.console import Console
 
-from po_batch import pipeline
+from po_batch import worker
 from po_batch.config import ConfigError, config_from_dict
 from po_batch.models.loader import ModelError
 from po_batch.spec import open_spec
@@ -55,7 +55,7 @@ def config(ckpt, root, task: dict, out: str, image: bool):
 
 def run(ckpt, root, task: dict, out: str, image: bool) -> list[dict]:
     cfg = config(ckpt, root, task, out, image)
-    assert pipeline.run(cfg) == 0
+    assert worker.run(cfg) == 0
     return ds.dataset(cfg.output.path).to_table().sort_by("id").to_pylist()
 
 

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from po_batch.pipeline import RunStats
+from po_batch.worker import RunStats
 from po_batch.progress import Progress
 
 STAMP = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d po-batch: "

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from po_batch import pipeline
+from po_batch import worker
 from po_batch.config import config_from_dict
 from po_batch.spec import open_spec
 from po_batch.tiny import build_checkpoint
@@ -51,7 +51,7 @@ def test_special_tokens_in_a_row_are_text_and_the_row_is_scored(vl, tmp_path):
     assert (sample.input_ids == image_token).sum() == t * h * w // 4  # only the image's own slots
     text = spec.tokenizer.decode(sample.input_ids[sample.input_ids != image_token], skip_special_tokens=False)
     assert HOSTILE in text  # the row's characters, all of them, as text
-    assert pipeline.run(cfg) == 0
+    assert worker.run(cfg) == 0
     out = {r["id"]: r for r in ds.dataset(cfg.output.path).to_table().to_pylist()}
     assert out["hostile"]["error"] is None and out["hostile"]["p_yes"] is not None
     assert out["plain"]["error"] is None
@@ -66,7 +66,7 @@ def test_null_fields_render_as_empty_text(vl, tmp_path):
     empty = spec.prep((png(2), {"id": "b", "category": ""}))
     assert none.input_ids.tolist() == empty.input_ids.tolist()
     assert "None" not in spec.tokenizer.decode(none.input_ids)
-    assert pipeline.run(cfg) == 0
+    assert worker.run(cfg) == 0
     a, b = sorted(ds.dataset(cfg.output.path).to_table().to_pylist(), key=lambda r: r["id"])
     assert a["error"] is None and a["p_yes"] == b["p_yes"]
 
@@ -75,7 +75,7 @@ def test_a_row_longer_than_the_token_budget_is_a_too_long_row_error(tmp_path):
     model = build_checkpoint(tmp_path / "model", "qwen3")
     cfg = cfg_for(model, tmp_path, {"id": ["short", "long"], "category": ["cat", "cat " * 400]}, image=False,
                   batch_tokens=256)
-    assert pipeline.run(cfg) == 0
+    assert worker.run(cfg) == 0
     out = {r["id"]: r for r in ds.dataset(cfg.output.path).to_table().to_pylist()}
     assert out["short"]["error"] is None and out["short"]["p_yes"] is not None
     assert out["long"]["error"].startswith("too_long: the row is ") and "run.batch_tokens (256)" in out["long"]["error"]

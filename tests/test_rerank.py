@@ -16,7 +16,7 @@ from PIL import Image
 from rich.console import Console
 from safetensors.torch import load_file, save_file
 
-from po_batch import pipeline
+from po_batch import worker
 from po_batch.config import ConfigError, config_from_dict
 from po_batch.models.loader import ModelError
 from po_batch.spec import open_spec
@@ -51,7 +51,7 @@ def run(ckpt, root, task: dict, images: bool, out: str = "out", rows_per_unit: i
                   "columns": ["query", "doc"]},
         "task": {"type": "rerank", "query": "{query}"} | task, "output": {"path": str(root / out)},
         "run": {"workers": 0, "rows_per_unit": rows_per_unit, "batch_tokens": 4096}})
-    assert pipeline.run(cfg) == 0
+    assert worker.run(cfg) == 0
     rows = ds.dataset(cfg.output.path).to_table().sort_by("id").to_pylist()
     assert all(r["error"] is None for r in rows)
     schema = ds.dataset(cfg.output.path).schema

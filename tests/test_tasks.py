@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from po_batch import pipeline
+from po_batch import worker
 from po_batch.config import ConfigError, config_from_dict
 from po_batch.models.registry import FAMILIES as FAMILIES_BY_TYPE
 from po_batch.prep.prompt import PromptError
@@ -58,7 +58,7 @@ def config(corpus, task: dict, out: str, **run):
 
 
 def output(cfg) -> list[dict]:
-    assert pipeline.run(cfg) == 0
+    assert worker.run(cfg) == 0
     return ds.dataset(cfg.output.path).to_table().sort_by("id").to_pylist()
 
 

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 from rich.console import Console
 
-from po_batch import pipeline
+from po_batch import worker
 from po_batch.config import config_from_dict
 from po_batch.spec import open_spec
 from po_batch.tiny import build_checkpoint
@@ -63,7 +63,7 @@ def test_verify_agrees_with_transformers(setup):
 
 def test_run_output_equals_transformers(setup):
     family, cfg = setup
-    assert pipeline.run(cfg) == 0
+    assert worker.run(cfg) == 0
     out = ds.dataset(cfg.output.path).to_table().sort_by("id").to_pylist()
     assert [r["id"] for r in out] == [f"r{i}" for i in range(7)]
     spec = open_spec(cfg, "cpu", "float32", workers=0)

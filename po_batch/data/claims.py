@@ -40,7 +40,12 @@ def _machine() -> tuple[str, str]:
 
 def default_owner() -> str:
     """host:pid:boot id:PID namespace:random; the random part tells apart two runs of one pid (pid reuse)."""
-    return ":".join([socket.gethostname(), str(os.getpid()), *_machine(), secrets.token_hex(4)])
+    return owner_prefix(os.getpid()) + secrets.token_hex(4)
+
+
+def owner_prefix(pid: int) -> str:
+    """What the owners of process `pid` of this host, boot and PID namespace start with."""
+    return ":".join([socket.gethostname(), str(pid), *_machine(), ""])
 
 
 def owner_dead(owner: str) -> bool:
@@ -62,15 +67,23 @@ def owner_dead(owner: str) -> bool:
     return False
 
 
+def _parse(raw: bytes) -> tuple[str, str] | None:
+    """A claim's (owner, epoch); None if it does not parse (being written, or left empty by a full disk)."""
+    try:
+        doc = json.loads(raw)
+        return doc["owner"], doc["epoch"]
+    except (ValueError, TypeError, KeyError):
+        return None
+
+
 def claim_state(raw: bytes, entry: Entry, epoch: str, ttl_s: float, now: float) -> str:
     """'live', 'dead' (its owner provably died) or 'expired' (not heartbeated within ttl, unreadable past the grace
     period, or made for a replaced plan)."""
     age = now - entry.mtime
-    try:
-        doc = json.loads(raw)
-        owner, claim_epoch = doc["owner"], doc["epoch"]
-    except (ValueError, TypeError, KeyError):
+    parsed = _parse(raw)
+    if parsed is None:
         return "expired" if age > min(UNREADABLE_GRACE_S, ttl_s) else "live"
+    owner, claim_epoch = parsed
     if claim_epoch != epoch or age > ttl_s:
         return "expired"
     return "dead" if owner_dead(owner) else "live"
@@ -161,15 +174,38 @@ def drop_done_claims(store: Store, epoch: str) -> None:
             store.delete(f"{CLAIMS_DIR}/{name}")
 
 
-def claim_states(store: Store, epoch: str, ttl_s: float) -> dict[str, str]:
-    """unit -> claim_state of every claim."""
-    now, states = time.time(), {}
+def read_claims(store: Store, epoch: str, ttl_s: float) -> dict[str, tuple[str, str | None]]:
+    """unit -> (claim_state, owner) of every claim; the owner is None where the claim does not parse."""
+    now, claims = time.time(), {}
     for entry in store.list(CLAIMS_DIR):
         if not entry.name.endswith(".claim"):
             continue
         unit_id = entry.name.removesuffix(".claim")
         try:
-            states[unit_id] = claim_state(store.read(claim_name(unit_id)), entry, epoch, ttl_s, now)
+            raw = store.read(claim_name(unit_id))
         except FileNotFoundError:
-            pass
-    return states
+            continue
+        parsed = _parse(raw)
+        claims[unit_id] = claim_state(raw, entry, epoch, ttl_s, now), parsed and parsed[0]
+    return claims
+
+
+def claim_states(store: Store, epoch: str, ttl_s: float) -> dict[str, str]:
+    """unit -> claim_state of every claim."""
+    return {unit_id: state for unit_id, (state, _) in read_claims(store, epoch, ttl_s).items()}
+
+
+def claims_of(store: Store, pid: int) -> list[str]:
+    """The units claimed by process `pid` of this host (a launcher's engine process that died). They are not
+    deleted here: a worker of this host sees them dead and takes them over at once, and a delete could race that
+    takeover and remove the new owner's claim."""
+    prefix = owner_prefix(pid)
+    units = []
+    for name in store.names(CLAIMS_DIR):
+        try:
+            parsed = _parse(store.read(f"{CLAIMS_DIR}/{name}"))
+        except FileNotFoundError:
+            continue
+        if name.endswith(".claim") and parsed and parsed[0].startswith(prefix):
+            units.append(name.removesuffix(".claim"))
+    return sorted(units)

@@ -8,6 +8,7 @@ CLAIMS_DIR = f"{STATE_DIR}/claims"
 DONE_DIR = f"{STATE_DIR}/done"
 FAILED_DIR = f"{STATE_DIR}/failed"
 INDEX = f"{STATE_DIR}/done.idx"
+WORKERS_DIR = f"{STATE_DIR}/workers"
 
 
 def part_name(unit_id: str) -> str:
@@ -24,3 +25,9 @@ def failure_name(unit_id: str) -> str:
 
 def claim_name(unit_id: str) -> str:
     return f"{CLAIMS_DIR}/{unit_id}.claim"
+
+
+def record_name(owner: str) -> str:
+    """A worker's progress record, named by its host, pid and the random part of its claim owner."""
+    host, pid, *_, nonce = owner.split(":")
+    return f"{WORKERS_DIR}/{host}-{pid}-{nonce}.json"

@@ -60,7 +60,11 @@ class Sink:
             # unit's new owner: remove it, so that the unit is redone rather than done with this worker's rows.
             self.store.delete(part_name(unit_id))
             raise
-        write_marker(self.store, unit_id, self.epoch, stats)
+        try:
+            write_marker(self.store, unit_id, self.epoch, stats)
+        except OSError:  # a full disk: the part is whole but not committed, and readers of OUT must not see it
+            self.store.delete(part_name(unit_id))
+            raise
 
     def mark_failed(self, unit_id: str, reason: str, owner: str) -> None:
         """Record that the unit could not be done (e.g. parquet.UnitReadError); status shows the reason, a later

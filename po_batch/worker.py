@@ -1,14 +1,18 @@
-"""Wires the stages of `po-batch run`: plan -> claim -> read -> prep pool -> engine -> sink, with progress and signals.
+"""The worker: one engine process running claim -> read -> prep pool -> engine -> sink over the output's plan, with
+its progress and signals. It does not know where it runs: an executor (launch/) starts one or many, in one process
+or one per GPU, under Slurm or not, and says in a Slot what the worker's record should name.
 
 The main thread scores; the prep pool's feeder thread reads and claims units just ahead of it; a writer thread
-commits finished units. SIGTERM/SIGINT/SIGUSR1 stop claiming, let claimed units finish and commit, and exit 3;
-a second signal exits at once. A unit that cannot be read fails alone (exit 1 at the end); a commit that fails
-(a full disk) stops the run at once (exit 1)."""
+commits finished units; a reporter thread rewrites the worker's progress record. SIGTERM/SIGINT/SIGUSR1 (or an
+executor's request, see stop.py) stop claiming, let claimed units finish and commit, and exit 3; a second signal
+exits at once. A unit that cannot be read fails alone (exit 1 at the end); a commit that fails (a full disk) stops the run
+at once (exit 1)."""
 
 import collections
 import os
-import signal
+import socket
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -16,16 +20,21 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 
-from po_batch.config import Config, resolved_device, resolved_dtype, workers_count
-from po_batch.data.claims import Claims, default_owner, drop_done_claims
+from po_batch.config import Config, ConfigError, resolved_device, resolved_dtype, workers_count
+from po_batch.data.claims import Claims, claim_states, default_owner, drop_done_claims
 from po_batch.data.parquet import UnitReadError, check_unique_ids, read_unit, resolve_path
-from po_batch.data.plan import Plan, Unit, load_or_create_plan
+from po_batch.data.markers import scan
+from po_batch.data.plan import Plan, PlanError, Unit, load_or_create_plan
 from po_batch.data.schema import Columns
 from po_batch.data.sink import LostUnit, Sink, clean_orphans
 from po_batch.data.store import Store, open_store
+from po_batch.data.workers import prune_records, write_record
+from po_batch.models.loader import ModelError
 from po_batch.prep.pool import PrepPool, RowError
+from po_batch.prep.prompt import PromptError
 from po_batch.progress import Progress, plural
 from po_batch.spec import Spec, open_spec
+from po_batch.stop import Stop
 
 # 4: this worker's slice is not all done, but nothing is left for it: other workers hold the rest (live claims,
 # or claims that have not expired yet); a later run takes over whatever they leave.
@@ -33,6 +42,24 @@ EXIT_DONE, EXIT_FAILED, EXIT_USAGE, EXIT_STOPPED, EXIT_OTHERS = 0, 1, 2, 3, 4
 # Batches queued on the device before the scoring thread waits for the oldest: two, so that a moment of
 # slow prep (or a unit boundary) never leaves the device idle.
 QUEUE_DEPTH = 2
+# How often the worker rewrites its progress record: often enough for a launcher's display, rarely enough for a
+# shared filesystem with a thousand workers
+RECORD_EVERY_S = 2.0
+ENDED_AS = {EXIT_DONE: "done", EXIT_OTHERS: "done", EXIT_STOPPED: "stopped"}  # exit 4: done, others hold the rest
+# what means the user's input or setup is wrong (exit 2), as opposed to a failure mid-run (exit 1)
+USER_ERRORS = (ConfigError, PlanError, ModelError, PromptError)
+
+
+@dataclass
+class Slot:
+    """Where an executor put this worker, as far as the worker needs to know: the labels its progress record
+    carries (gpu, engine, slurm_job, slurm_task), the cores its prep pool (and a CPU engine) may use, and whether
+    it owns the display (one engine process of several leaves the progress display and the summary to its
+    launcher, and prefixes its notes with `name`)."""
+    labels: dict = field(default_factory=dict)
+    cores: int | None = None  # None: every usable core
+    display: bool = True
+    name: str | None = None
 
 
 @dataclass
@@ -66,8 +93,10 @@ class RunStats:
 
 
 class Runner:
-    def __init__(self, spec: Spec, engine, store: Store, plan: Plan, shard: tuple[int, int] | None):
+    def __init__(self, spec: Spec, engine, store: Store, plan: Plan, shard: tuple[int, int] | None,
+                 slot: Slot | None = None):
         self.cfg, self.spec, self.engine, self.plan, self.shard = spec.cfg, spec, engine, plan, shard
+        self.store, self.slot = store, slot or Slot()
         self.owner = default_owner()
         self.claims = None if shard else Claims(store, self.owner, plan.epoch, self.cfg.run.claim_ttl_s)
         self.sink = Sink(store, plan, self.claims)
@@ -79,23 +108,40 @@ class Runner:
         self.inflight = collections.deque()  # (engine handle, its rows) of the batches on the device
         self.left = 0  # units of this worker's slice not yet done when it finished
         self.progress_at = time.monotonic()  # last row prepared or scored: the claims' heartbeat stops without
+        self.tried: set[str] = set()  # units this run claimed: never claimed again by it, whatever became of them
+        self.progress: Progress | None = None
+        self.state = "starting"
+        self.started_at = time.time()
+        self.reporting = threading.Event()
+        self.reporter: threading.Thread | None = None
 
     # --- reading (runs in the prep pool's reader thread) ---------------------------------------
 
     def candidates(self) -> list[Unit]:
-        i, n = self.shard or (0, 1)
-        done = self.sink.done()
-        return [u for k, u in enumerate(self.plan.units) if k % n == i and u.id not in done]
+        return slice_of(self.plan, self.shard, self.sink.done())
+
+    def passes(self):
+        """The candidates this run has not claimed yet; once all were visited they are listed again, to take over
+        those whose claims were released or died meanwhile (an engine process of this node that was killed). The
+        passes end with one that claims nothing."""
+        claimed = True
+        while claimed:
+            claimed = False
+            for unit in self.candidates():
+                if unit.id not in self.tried:
+                    yield unit
+                    claimed = claimed or unit.id in self.tried
 
     def rows(self):
         """(key, (image, fields)) for every row of every unit this worker claims, claiming lazily."""
         inp = self.cfg.input
         columns = [inp.id_column, *inp.columns] + ([inp.image_column] if inp.image_column else [])
-        for unit in self.candidates():
+        for unit in self.passes():
             if self.stopping:
                 return
             if self.claims and not self.claims.try_claim(unit.id):
                 continue
+            self.tried.add(unit.id)
             if self.sink.is_done(unit.id):  # committed by another worker since we listed
                 self.claims and self.claims.release(unit.id)
                 continue
@@ -242,71 +288,147 @@ class Runner:
             self.claims.release(st.unit.id)
 
 
-def run(cfg: Config, restart: bool = False, shard: tuple[int, int] | None = None, stats: RunStats | None = None,
-        config_path: str = "a config built in code") -> int:
-    """`po-batch run`: plan or resume, score every unclaimed unit, commit each; returns the exit code.
-    `stats`, when given, is filled in as the run goes (benchmarks read it); `config_path` names the run in its log.
-    Signals are handled from the start: one during planning or the model's load stops the run before it claims."""
-    signals = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
-    previous = {s: signal.getsignal(s) for s in signals}
-    state = {"runner": None, "progress": None, "stop": None}
+    # --- the progress record (reporter thread) ---------------------------------------------------
 
-    def on_signal(signum, _frame):
-        if state["stop"] is not None:
-            os._exit(128 + signum)  # a second signal aborts at once; our claims expire (or are seen dead) later
-        state["stop"] = signal.Signals(signum).name
-        if state["runner"] is not None:
-            state["runner"].stopping = True
-        if state["progress"] is not None:
-            state["progress"].note(f"{state['stop']}: finishing claimed units, then stopping")
+    def report(self, state: str | None = None, code: int | None = None) -> None:
+        """Rewrite this worker's record (data/workers.py); with the exit code, the final one, with its stats."""
+        self.state = state or self.state
+        p, now = self.progress, time.time()
+        doc = {"owner": self.owner, "epoch": self.plan.epoch, "host": socket.gethostname(), "pid": os.getpid(),
+               **self.slot.labels, "device": self.spec.device, "state": self.state, "exit_code": code,
+               "started_at": self.started_at, "scoring_at": p.start if p and self.state != "starting" else None,
+               "updated_at": now,
+               "progress_at": now - (time.monotonic() - self.progress_at),
+               "rows": p.rows if p else 0, "row_errors": p.errors if p else 0, "rows_todo": p.total if p else None,
+               "units": self.stats.units, "failed_units": self.stats.failed_units,
+               "rows_per_s": p.rate() if p and self.state != "starting" else None}
+        if code is not None:
+            doc["stats"] = {"error_kinds": dict(self.stats.errors), "wait_prep_s": self.stats.wait_prep_s,
+                            "launch_s": self.stats.launch_s, "wait_device_s": self.stats.wait_device_s}
+        write_record(self.store, doc)
 
-    for s in signals:
-        signal.signal(s, on_signal)
-    try:
-        return _run(cfg, restart, shard, stats, config_path, state)
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
+    def start_reporting(self) -> None:
+        def beat():
+            while not self.reporting.wait(RECORD_EVERY_S):
+                self.report()
+
+        self.report()
+        self.reporter = threading.Thread(target=beat, name="po-batch-record", daemon=True)
+        self.reporter.start()
+
+    def stop_reporting(self, code: int) -> None:
+        self.reporting.set()
+        if self.reporter is not None:
+            self.reporter.join()
+        self.report(ENDED_AS.get(code, "failed"), code)
 
 
-def _run(cfg: Config, restart, shard, stats, config_path: str, state: dict) -> int:
-    import torch
+def slice_of(plan: Plan, shard: tuple[int, int] | None, done: set[str]) -> list[Unit]:
+    """The units of `shard` (I/N: every Nth from the Ith; None: all) not in `done`."""
+    i, n = shard or (0, 1)
+    return [u for k, u in enumerate(plan.units) if k % n == i and u.id not in done]
 
-    device = resolved_device(cfg, torch.cuda.is_available())
-    dtype = resolved_dtype(cfg, device)
-    spec = open_spec(cfg, device, dtype, workers_count(cfg, len(os.sched_getaffinity(0))))
+
+def left_to_others(n: int) -> str:
+    return (f"{plural(n, 'unit')} left to the other workers that claimed them (exit 4); a later run takes over any "
+            f"they do not commit")
+
+
+def work_left(cfg: Config, store: Store, plan: Plan, shard: tuple[int, int] | None,
+              say: bool = True) -> tuple[list[Unit], int | None]:
+    """The units of the slice not done, and the exit code of a run that can do none of them: all done, or every one
+    held by a live claim of another worker (then the model need not load: the tail of a large array, a task
+    requeued after the others took the rest). `say`: print why, and which inputs were left out of the plan."""
+    if say:
+        for path, why in plan.unreadable.items():
+            print(f"po-batch: input {path} is left out: {why}", file=sys.stderr)
+    todo = slice_of(plan, shard, scan(store, plan.epoch).done)
+    code = EXIT_FAILED if plan.unreadable else None
+    if not todo:
+        if say:
+            print(f"nothing to do: every unit of {cfg.output.path} is done ({plural(len(plan.units), 'unit')})")
+        return todo, code or EXIT_DONE
+    if not shard:
+        states = claim_states(store, plan.epoch, cfg.run.claim_ttl_s)
+        if all(states.get(u.id) == "live" for u in todo):
+            if say:
+                print(f"po-batch: {left_to_others(len(todo))}", file=sys.stderr)
+            return todo, code or EXIT_OTHERS
+    return todo, None
+
+
+def open_output(cfg: Config, spec: Spec, restart: bool) -> tuple[Store, Plan]:
+    """Plan or resume the output (safe between processes: the plan lock), and clear what crashed workers left."""
     store = open_store(cfg.output.path)
     columns = Columns(cfg.input.id_column, cfg.input.image_column, tuple(cfg.input.columns))
     plan = load_or_create_plan(store, cfg.input.paths, cfg.run.rows_per_unit, spec.fingerprint(), restart, columns)
     clean_orphans(store)
     drop_done_claims(store, plan.epoch)
-    runner = state["runner"] = Runner(spec, None, store, plan, shard)
-    runner.stopping = state["stop"] is not None
+    prune_records(store, plan.epoch)
+    return store, plan
+
+
+def run(cfg: Config, restart: bool = False, shard: tuple[int, int] | None = None, stats: RunStats | None = None,
+        config_path: str = "a config built in code", slot: Slot | None = None, stop: Stop | None = None) -> int:
+    """Plan or resume, score every unclaimed unit of the slice, commit each; returns the exit code.
+    `stats`, when given, is filled in as the run goes (benchmarks read it); `config_path` names the run in its log;
+    `slot` is where an executor put the worker; `stop` says afterwards why the run stopped early (and takes an
+    executor's requests to stop). Signals are handled from the start: one during planning or the model's load
+    stops the run before it claims."""
+    stop = stop or Stop()
+    previous = stop.install()
+    try:
+        return _run(cfg, restart, shard, stats, config_path, slot or Slot(), stop)
+    finally:
+        stop.restore(previous)
+
+
+def _run(cfg: Config, restart, shard, stats, config_path: str, slot: Slot, stop: Stop) -> int:
+    import torch
+
+    device = resolved_device(cfg, torch.cuda.is_available())
+    dtype = resolved_dtype(cfg, device)
+    cores = slot.cores or len(os.sched_getaffinity(0))
+    if device == "cpu" and slot.cores:  # a CPU engine among several keeps to its share of the cores
+        torch.set_num_threads(slot.cores)
+    spec = open_spec(cfg, device, dtype, workers_count(cfg, cores))
+    store, plan = open_output(cfg, spec, restart)
+    runner = Runner(spec, None, store, plan, shard, slot)
+    stop.listen(lambda _: setattr(runner, "stopping", True))
     if stats is not None:
         runner.stats = stats
-    for path, why in plan.unreadable.items():
-        print(f"po-batch: input {path} is left out: {why}", file=sys.stderr)
-    todo = runner.candidates()
-    if not todo:
-        print(f"nothing to do: every unit of {cfg.output.path} is done ({plural(len(plan.units), 'unit')})")
-        return EXIT_FAILED if plan.unreadable else EXIT_DONE
-    progress = state["progress"] = Progress(len(todo), sum(u.rows for u in todo), cfg.run.log_every_s)
-    progress.announce(config_path, cfg.output.path, f"{device} ({dtype})", spec.workers)
-    runner.engine = spec.load_engine()
-    if state["stop"] is not None:
-        progress.note(f"{state['stop']} before the first unit: stopping")
-        return EXIT_STOPPED
-    progress.begin()
-    started = time.time()
+    todo, code = work_left(cfg, store, plan, shard, slot.display)
+    if code is not None:
+        return code
+    progress = runner.progress = Progress(len(todo), sum(u.rows for u in todo), cfg.run.log_every_s,
+                                          label=slot.name, show=slot.display)
+    if stop.reason is None:  # else the note below says it
+        stop.listen(lambda reason: progress.note(f"{reason}: finishing claimed units, then stopping"))
+    if slot.display:
+        progress.announce(config_path, cfg.output.path, f"{device} ({dtype})", spec.workers)
+    runner.start_reporting()
+    code = EXIT_FAILED
     try:
-        code = runner.run(progress)
-    except Exception:  # what was committed stays; say how far the run got before the error is reported
-        progress.close()
-        progress.summary(runner.stats, time.time() - started, cfg.output.path, EXIT_FAILED)
-        raise
+        runner.engine = spec.load_engine()
+        if stop.reason is not None:
+            progress.note(f"{stop.reason} before the first unit: stopping")
+            code = EXIT_STOPPED
+            return code
+        runner.report("running")
+        progress.begin()
+        started = time.time()
+        try:
+            code = runner.run(progress)
+        except Exception:  # what was committed stays; say how far the run got before the error is reported
+            progress.close()
+            if slot.display:
+                progress.summary(runner.stats, time.time() - started, cfg.output.path, EXIT_FAILED)
+            raise
+    finally:
+        runner.stop_reporting(code)
     progress.close()
-    progress.summary(runner.stats, time.time() - started, cfg.output.path, code)
-    if code == EXIT_OTHERS:
-        progress.note(f"{plural(runner.left, 'unit')} left to the other workers that claimed them (exit 4); a later "
-                      f"run takes over any they do not commit")
+    if slot.display:
+        progress.summary(runner.stats, time.time() - started, cfg.output.path, code)
+    if code == EXIT_OTHERS and slot.display:
+        progress.note(left_to_others(runner.left))
     return EXIT_FAILED if code in (EXIT_DONE, EXIT_OTHERS) and plan.unreadable else code
