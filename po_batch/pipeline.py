@@ -18,9 +18,10 @@ import pyarrow as pa
 
 from po_batch.config import Config, resolved_device, resolved_dtype, workers_count
 from po_batch.data.claims import Claims, default_owner, drop_done_claims
-from po_batch.data.parquet import UnitReadError, check_unique_ids, read_unit, resolve_path
 from po_batch.data.plan import Plan, Unit, load_or_create_plan
-from po_batch.data.schema import Columns
+from po_batch.data.readers import open_reader
+from po_batch.data.readers.base import ReadError, UnitReadError
+from po_batch.data.readers.parquet import check_unique_ids
 from po_batch.data.sink import LostUnit, Sink, clean_orphans
 from po_batch.data.store import Store, open_store
 from po_batch.prep.pool import PrepPool, RowError
@@ -46,6 +47,8 @@ class UnitState:
     kinds: collections.Counter = field(default_factory=collections.Counter)
     left: int = 0
     failed: str | None = None  # why the unit could not be read: its rows in flight are dropped, nothing commits
+    read_errors: dict[int, ReadError] = field(default_factory=dict)  # rows the reader found bad: they win at commit
+    notes: dict = field(default_factory=dict)  # the reader's, for the unit's marker (a truncated shard)
 
     def __post_init__(self):
         self.readout = np.full((self.unit.rows, *self.readout_shape), np.nan, dtype=np.float32)
@@ -68,6 +71,7 @@ class RunStats:
 class Runner:
     def __init__(self, spec: Spec, engine, store: Store, plan: Plan, shard: tuple[int, int] | None):
         self.cfg, self.spec, self.engine, self.plan, self.shard = spec.cfg, spec, engine, plan, shard
+        self.reader = open_reader(self.cfg.input)
         self.owner = default_owner()
         self.claims = None if shard else Claims(store, self.owner, plan.epoch, self.cfg.run.claim_ttl_s)
         self.sink = Sink(store, plan, self.claims)
@@ -89,8 +93,7 @@ class Runner:
 
     def rows(self):
         """(key, (image, fields)) for every row of every unit this worker claims, claiming lazily."""
-        inp = self.cfg.input
-        columns = [inp.id_column, *inp.columns] + ([inp.image_column] if inp.image_column else [])
+        id_column = self.reader.columns.id
         for unit in self.candidates():
             if self.stopping:
                 return
@@ -102,17 +105,15 @@ class Runner:
             st = UnitState(unit, time.time(), (self.spec.tasks.reads, self.spec.tasks.width))
             ids = []  # the rows read so far: a read error after the last one fails nothing
             try:
-                for batch in read_unit(unit, columns):
-                    st.pieces.append(batch.select([inp.id_column, *inp.columns]))
-                    ids.extend(batch.column(inp.id_column).to_pylist())
-                    check_unique_ids(ids, unit, inp.id_column)
-                    fields = {c: batch.column(c).to_pylist() for c in [inp.id_column, *inp.columns]}
-                    images = (batch.column(inp.image_column).to_pylist() if inp.image_column
-                              else [None] * batch.num_rows)
-                    base = len(ids) - batch.num_rows
-                    for j, image in enumerate(images):
-                        if isinstance(image, str):
-                            image = resolve_path(image, unit.file)
+                for batch in self.reader.read(unit, self.plan.files[unit.file]):
+                    st.pieces.append(batch.table)
+                    st.read_errors |= batch.errors
+                    st.notes |= batch.notes
+                    ids.extend(batch.table.column(id_column).to_pylist())
+                    check_unique_ids(ids, unit, id_column)
+                    fields = {c: batch.table.column(c).to_pylist() for c in batch.table.column_names}
+                    base = len(ids) - batch.table.num_rows
+                    for j, image in enumerate(batch.images):
                         yield (st, base + j), (image, {c: v[j] for c, v in fields.items()})
             except UnitReadError as e:
                 if len(ids) < unit.rows:
@@ -222,6 +223,12 @@ class Runner:
         progress.advance(len(done), errors)
 
     def commit(self, st: UnitState) -> None:
+        for i, e in st.read_errors.items():
+            if st.errors[i] is not None:
+                st.kinds[st.errors[i].split(":", 1)[0]] -= 1
+            st.errors[i] = str(e)
+            st.kinds[e.kind] += 1
+        st.kinds = +st.kinds
         table = pa.Table.from_batches(st.pieces) if st.pieces else None
         failed = np.array([e is not None for e in st.errors])
         for name, values in self.spec.tasks.columns(st.readout, failed).items():
@@ -230,7 +237,8 @@ class Runner:
         try:
             self.sink.commit(st.unit.id, table, {
                 "rows": st.unit.rows, "errors": int(failed.sum()), "error_kinds": dict(st.kinds),
-                "started_at": st.started_at, "finished_at": time.time(), "owner": self.owner})
+                "started_at": st.started_at, "finished_at": time.time(), "owner": self.owner,
+                **({"notes": st.notes} if st.notes else {})})
         except LostUnit as e:
             print(f"po-batch: {e}", file=sys.stderr, flush=True)
             if e.reason == "epoch":
@@ -276,8 +284,9 @@ def _run(cfg: Config, restart, shard, stats, config_path: str, state: dict) -> i
     dtype = resolved_dtype(cfg, device)
     spec = open_spec(cfg, device, dtype, workers_count(cfg, len(os.sched_getaffinity(0))))
     store = open_store(cfg.output.path)
-    columns = Columns(cfg.input.id_column, cfg.input.image_column, tuple(cfg.input.columns))
-    plan = load_or_create_plan(store, cfg.input.paths, cfg.run.rows_per_unit, spec.fingerprint(), restart, columns)
+    reader = open_reader(cfg.input)
+    plan = load_or_create_plan(store, cfg.input.paths, cfg.run.rows_per_unit, spec.fingerprint(), restart,
+                               reader.columns, reader)
     clean_orphans(store)
     drop_done_claims(store, plan.epoch)
     runner = state["runner"] = Runner(spec, None, store, plan, shard)

@@ -1,0 +1,230 @@
+"""The Store on an object store through fsspec (s3://, gs://, ...). A whole-object PUT is atomic there, so a part is
+committed by writing it under its final name (the unit's marker, written next, is the commit); nothing is renamed.
+
+S3's conditional writes -- If-None-Match: * on PutObject (create), If-Match on the ETag (replace_if) -- give
+exclusive claims and the plan lock. An ETag is the hash of the bytes, so rewriting an object unchanged keeps it:
+a claim's lease time lives inside the object (lease_in_object), making each heartbeat a new version that a
+takeover conditional on the old one loses to. Stores without them (anything but s3:// today) have no claims:
+their workers run with --shard I/N.
+"""
+
+import io
+import json
+import os
+import random
+import secrets
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import fsspec
+
+from po_batch.data.errors import PlanError
+from po_batch.data.store import Entry, Store, Writer, mtime
+
+CONDITIONAL = ("s3", "s3a")  # fsspec protocols whose conditional PUTs po-batch uses (s3fs)
+# The plan lock: a holder that stops heartbeating (killed) is taken over after LOCK_TTL_S, by the store's clock
+# against the taker's: clocks must agree within that
+LOCK_TTL_S = 60.0
+LOCK_BEAT_S = 10.0
+
+
+def _refused(e: OSError) -> bool:
+    """Whether a conditional write failed its condition (S3: 412, or 409 while another conditional write of the
+    object is in flight), as opposed to failing."""
+    code = getattr(e.__cause__, "response", {}).get("Error", {}).get("Code")
+    return code in ("PreconditionFailed", "ConditionalRequestConflict", "412", "409")
+
+
+class FsspecWriter(Writer):
+    """Buffers the part in memory (a part is one unit's rows) and PUTs it whole at commit."""
+
+    def __init__(self, store: "FsspecStore", name: str):
+        self.store, self.name = store, name
+        self.file = io.BytesIO()
+
+    def commit(self, check: Callable[[], None] | None = None) -> None:
+        if check is not None:
+            check()
+        self.store.put(self.name, self.file.getvalue())
+
+    def __exit__(self, *exc) -> None:
+        self.file.close()  # nothing was sent unless commit did
+
+
+class FsspecStore(Store):
+    lease_in_object = True
+
+    def __init__(self, url: str):
+        # listings must be live: other workers write the same prefix
+        self.fs, path = fsspec.core.url_to_fs(url, use_listings_cache=False)
+        self.root, self.base = url.rstrip("/"), path.rstrip("/")
+        self.conditional = any(p in CONDITIONAL for p in ([self.fs.protocol] if isinstance(self.fs.protocol, str)
+                                                          else self.fs.protocol))
+        self.sid = secrets.token_hex(6)  # this process's segment of each appended object (see append)
+        self.appended: dict[str, bytearray] = {}
+        self.append_lock = threading.Lock()
+
+    def _path(self, name: str) -> str:
+        return f"{self.base}/{name}" if name else self.base
+
+    def _put(self, name: str, data: bytes, **cond) -> str:
+        """PUT; the new ETag."""
+        out = self.fs.pipe_file(self._path(name), data, **cond)
+        return out["ETag"] if isinstance(out, dict) and "ETag" in out else self.fs.info(self._path(name))["ETag"]
+
+    def _need_conditional(self) -> None:
+        if not self.conditional:
+            raise PlanError(f"output {self.root}: po-batch has no conditional writes on this store, which claims "
+                            "need; run the workers with --shard I/N")
+
+    def put(self, name: str, data: bytes) -> None:
+        self._put(name, data)
+
+    def create(self, name: str, data: bytes) -> bool:
+        self._need_conditional()
+        try:
+            self._put(name, data, mode="create")
+        except FileExistsError:
+            return False
+        except OSError as e:
+            if _refused(e):
+                return False
+            raise
+        return True
+
+    def replace_if(self, name: str, version: str, data: bytes) -> bool:
+        self._need_conditional()
+        try:
+            self._put(name, data, IfMatch=version)
+        except FileNotFoundError:
+            return False
+        except OSError as e:
+            if _refused(e):
+                return False
+            raise
+        return True
+
+    def read(self, name: str) -> bytes:
+        try:
+            return self.fs.cat_file(self._path(name))
+        except FileNotFoundError:
+            segments = self._segments(name)
+            if not segments:
+                raise
+        return b"".join(self.fs.cat_file(self._path(s)) for s in segments)
+
+    def _segments(self, name: str) -> list[str]:
+        folder, _, base = name.rpartition("/")
+        return sorted(f"{folder}/{n}" if folder else n for n in self.names(folder) if n.startswith(f"{base}~"))
+
+    def append(self, name: str, data: bytes) -> None:
+        """An object store has no append: each process writes its own segment of the object (`name~<id>`), whole,
+        and `read` joins the segments. A segment grows with one process's appends only."""
+        with self.append_lock:
+            buf = self.appended.setdefault(name, bytearray())
+            buf += data
+            self.put(f"{name}~{self.sid}", bytes(buf))
+
+    def names(self, folder: str) -> list[str]:
+        try:
+            return [p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(self._path(folder), detail=False)]
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+
+    def list(self, folder: str) -> list[Entry]:
+        try:
+            infos = self.fs.ls(self._path(folder), detail=True)
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        return [self._entry(i) for i in infos if i["type"] == "file"]
+
+    @staticmethod
+    def _entry(info: dict) -> Entry:
+        return Entry(info["name"].rsplit("/", 1)[-1], info["size"], mtime(info), info["ETag"])
+
+    def stat(self, name: str) -> Entry | None:
+        try:
+            info = self.fs.info(self._path(name))
+        except FileNotFoundError:
+            return None
+        return self._entry(info) if info["type"] == "file" else None
+
+    def delete(self, name: str) -> bool:
+        path = self._path(name)
+        try:
+            if self.fs.info(path)["type"] == "directory":
+                self.fs.rm(path, recursive=True)
+            else:
+                self.fs.rm_file(path)
+        except FileNotFoundError:
+            return False
+        return True
+
+    def touch(self, name: str) -> bool:
+        """Rewrites the object as it is: its mtime moves, its version (the ETag) does not."""
+        try:
+            self.put(name, self.fs.cat_file(self._path(name)))
+        except FileNotFoundError:
+            return False
+        return True
+
+    def open_writer(self, name: str) -> FsspecWriter:
+        return FsspecWriter(self, name)
+
+    @contextmanager
+    def lock(self, name: str) -> Iterator[None]:
+        """A lease: created if absent, taken over once its holder has not renewed it for LOCK_TTL_S, renewed every
+        LOCK_BEAT_S while held, deleted on release. Without conditional writes there is no lock (the README says to
+        plan with one worker before starting the others)."""
+        if not self.conditional:
+            yield
+            return
+        owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+
+        def lease() -> bytes:
+            return json.dumps({"owner": owner, "lease": time.time()}).encode()
+
+        version = self._acquire(name, lease)
+        stop = threading.Event()
+
+        def renew():
+            nonlocal version
+            while not stop.wait(LOCK_BEAT_S):
+                try:
+                    version = self._put(name, lease(), IfMatch=version)
+                except OSError:  # taken over (we were stalled) or unreachable: the plan write will tell
+                    return
+
+        beat = threading.Thread(target=renew, name="po-batch-plan-lock", daemon=True)
+        beat.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            beat.join()
+            entry = self.stat(name)
+            if entry is not None and entry.version == version:
+                self.delete(name)
+
+    def _acquire(self, name: str, lease: Callable[[], bytes]) -> str:
+        while True:
+            try:
+                try:
+                    return self._put(name, lease(), mode="create")
+                except FileExistsError:
+                    pass
+                entry = self.stat(name)
+                if entry is not None and time.time() - entry.mtime > LOCK_TTL_S:
+                    return self._put(name, lease(), IfMatch=entry.version)
+            except OSError as e:
+                if not _refused(e) and not isinstance(e, FileNotFoundError):
+                    raise PlanError(f"output {self.root} is not writable ({e})") from None
+            except Exception as e:  # no credentials, an unknown bucket: botocore's own errors
+                raise PlanError(f"output {self.root} is not writable ({type(e).__name__}: {e})") from None
+            time.sleep(random.uniform(0.1, 0.5))
+
+    def sweep(self, folder: str, older_than: float) -> None:
+        """Nothing to sweep: a part is buffered in memory until its PUT, which is whole or nothing."""
