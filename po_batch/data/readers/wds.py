@@ -192,9 +192,11 @@ class WdsReader(Reader):
         for ext, data in members:  # a member's text wins over a JSON field of the same name
             if _last(ext) in TEXT_EXTENSIONS:
                 try:
-                    fields[ext] = data.decode("utf-8")
+                    text = data.decode("utf-8")
                 except UnicodeDecodeError:
                     error = error or ReadError("corrupt", f"{key}.{ext} is not UTF-8 text")
+                    continue
+                fields[ext] = text.strip() if _last(ext) == "cls" else text  # a class label, as webdataset reads it
         if not self.images:
             return None, fields, error
         found = [(ext, data) for ext, data in members if _last(ext) in self.image_extensions]
