@@ -210,20 +210,22 @@ class FsspecStore(Store):
                 self.delete(name)
 
     def _acquire(self, name: str, lease: Callable[[], bytes]) -> str:
+        """Our version of the lock, once we hold it."""
         while True:
             try:
+                return self._put(name, lease(), mode="create")
+            except FileExistsError:
+                pass
+            except Exception as e:  # an unknown bucket, no credentials (botocore's own errors too)
+                if not (isinstance(e, OSError) and _refused(e)):
+                    raise PlanError(f"output {self.root} is not writable ({type(e).__name__}: {e})") from None
+            entry = self.stat(name)
+            if entry is not None and time.time() - entry.mtime > LOCK_TTL_S:
                 try:
-                    return self._put(name, lease(), mode="create")
-                except FileExistsError:
-                    pass
-                entry = self.stat(name)
-                if entry is not None and time.time() - entry.mtime > LOCK_TTL_S:
                     return self._put(name, lease(), IfMatch=entry.version)
-            except OSError as e:
-                if not _refused(e) and not isinstance(e, FileNotFoundError):
-                    raise PlanError(f"output {self.root} is not writable ({e})") from None
-            except Exception as e:  # no credentials, an unknown bucket: botocore's own errors
-                raise PlanError(f"output {self.root} is not writable ({type(e).__name__}: {e})") from None
+                except OSError as e:  # renewed, taken or released meanwhile
+                    if not (isinstance(e, FileNotFoundError) or _refused(e)):
+                        raise
             time.sleep(random.uniform(0.1, 0.5))
 
     def sweep(self, folder: str, older_than: float) -> None:
