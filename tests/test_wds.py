@@ -84,7 +84,7 @@ def test_every_key_is_one_row_and_what_is_wrong_with_it_is_its_error(tmp_path):
     assert got["a5"]["error"].startswith("duplicate_key: key a5 appears more than once in s.tar")
     assert got["a6"]["error"].startswith("ambiguous: sample a6 has several image members (.jpg, .png)")
     assert (got["a7"]["image"], got["a7"]["txt"], got["a7"]["error"]) == (b"A7", "héllo", None)
-    assert notes == {"members_ignored": 1, "repeated_keys": 2}  # README; webdataset skips __meta__ itself
+    assert notes == {"members_ignored": 2, "repeated_keys": 2}  # __meta__ and README: no sample's
 
 
 def test_text_only_reading_wants_no_image_and_a_narrower_extension_list_resolves_two(tmp_path):
@@ -111,9 +111,9 @@ KEY_BYTES = 512 + 1024 + 512 + 512  # a key of tar_of: the .jpg's header and dat
 
 
 @pytest.mark.parametrize("cut, keys, why", [
-    (2 * KEY_BYTES + 712, 2, "cut short or damaged after member k01.json"),  # inside k02.jpg's data
-    (4 * KEY_BYTES + 100, 4, f"no tar header or end-of-archive marker at byte {4 * KEY_BYTES}"),  # inside a header
-    (3 * KEY_BYTES, 3, f"no tar header or end-of-archive marker at byte {3 * KEY_BYTES}"),  # on a member boundary
+    (2 * KEY_BYTES + 712, 2, f"it ends at byte {2 * KEY_BYTES + 712}, inside member k02.jpg"),  # inside its data
+    (4 * KEY_BYTES + 100, 4, f"it ends at byte {4 * KEY_BYTES + 100}, inside a header"),
+    (3 * KEY_BYTES, 3, f"it ends at byte {3 * KEY_BYTES}, without an end-of-archive marker"),  # between members
 ])
 def test_a_truncated_tar_keeps_the_rows_before_the_break_and_says_where_it_broke(tmp_path, cut, keys, why):
     whole = tar_of(6)
@@ -125,9 +125,24 @@ def test_a_truncated_tar_keeps_the_rows_before_the_break_and_says_where_it_broke
     rows, notes = read_all(reader, str(shard), entry)
     assert [r["__key__"] for r in rows] == [f"k{i:02d}" for i in range(keys)]
     assert all(r["error"] is None and r["caption"] == f"c{i}" for i, r in enumerate(rows))
-    assert why in notes["truncated"]
+    assert notes["truncated"].startswith(why) and entry["truncated"] == notes["truncated"]
     shard.write_bytes(whole)
     assert "truncated" not in reader.describe(str(shard), 100)[0]
+
+
+def test_a_compressed_shard_is_read_through_webdatasets_iteration(tmp_path):
+    import gzip
+
+    shard = tmp_path / "s.tar.gz"
+    whole = gzip.compress(tar_of(6))
+    shard.write_bytes(whole)
+    reader = WdsReader(("caption",))
+    rows, notes = read_all(reader, str(shard))
+    assert [r["caption"] for r in rows] == [f"c{i}" for i in range(6)] and notes == {}
+    shard.write_bytes(whole[: len(whole) // 2])
+    rows, notes = read_all(reader, str(shard))
+    assert 0 < len(rows) < 6 and notes["truncated"].startswith("the compressed tar is cut short or damaged")
+    assert list_inputs([str(tmp_path)], extensions=WdsReader.extensions) == [str(shard)]
 
 
 def test_img2dataset_sidecar_rows_failed_downloads_and_keys_a_truncated_tar_lost(tmp_path):
@@ -343,5 +358,58 @@ def test_run_over_webdataset_shards_scores_each_key_once_and_records_every_probl
     assert sum(m["errors"] for m in markers(out).values()) == sum(w["kind"] is not None for w in want.values())
     sidecar, cut, odd = (notes[u] for u in sorted(units))  # files in path order: 00000, cut, odd
     assert "truncated" in sidecar and sidecar["missing_keys"].startswith("2 listed keys are not in the tar")
-    assert cut["truncated"].startswith("the tar is cut short or damaged after member s04.json")
+    assert cut["truncated"].startswith("it ends at byte ") and cut["truncated"].endswith("inside member s05.jpg")
     assert odd == {"repeated_keys": 2}
+
+
+def tar_variants() -> dict[str, bytes]:
+    """Tars as tarfile writes them in each format, with what a corpus may hold besides plain files."""
+    out = {}
+    long = "deep/" * 25 + "name.with.dots.jpg"  # over 100 bytes: GNU long name, pax path or ustar prefix
+    for fmt in (tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT):
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w", format=fmt) as tar:
+            for name, data, kind in [("a.jpg", b"x" * 1000, tarfile.REGTYPE), ("dir", b"", tarfile.DIRTYPE),
+                                     (long, b"y" * 512, tarfile.REGTYPE), ("link.jpg", b"", tarfile.SYMTYPE),
+                                     ("__meta__", b"m", tarfile.REGTYPE), ("empty.txt", b"", tarfile.REGTYPE),
+                                     ("ünï.json", b"{}", tarfile.REGTYPE)]:
+                if fmt == tarfile.USTAR_FORMAT and name == "ünï.json":
+                    continue
+                info = tarfile.TarInfo(name)
+                info.type, info.size, info.linkname = kind, len(data), "a.jpg" if kind == tarfile.SYMTYPE else ""
+                tar.addfile(info, io.BytesIO(data) if data else None)
+        out[fmt] = buf.getvalue()
+    return out
+
+
+def test_the_tar_walk_yields_what_webdatasets_iteration_yields_and_stops_where_it_stops():
+    from webdataset.tariterators import tar_file_iterator
+
+    from po_batch.data.readers.tar import TarCut, members
+
+    def walk(data: bytes):
+        got = []
+        try:
+            for name, body in members(io.BytesIO(data)):
+                got.append((name, body))
+        except TarCut:
+            pass
+        return got
+
+    def theirs(data: bytes):
+        got = []
+        try:
+            for m in tar_file_iterator(io.BytesIO(data), skip_meta=None):
+                got.append((m["fname"], m["data"]))
+        except tarfile.TarError:
+            pass
+        return [g for g in got if not (g[0].startswith("__") and g[0].endswith("__"))]  # it skips those itself
+
+    for fmt, data in tar_variants().items():
+        ours = [g for g in walk(data) if not (g[0].startswith("__") and g[0].endswith("__"))]
+        assert ours == theirs(data) and len(ours) >= 3, fmt
+        for cut in range(0, len(data), 97):
+            assert [g for g in walk(data[:cut]) if g[0] != "__meta__"] == theirs(data[:cut]), (fmt, cut)
+        headers = [(n, b"") for n, _ in ours]
+        seek = [(n, b) for n, b in members(io.BytesIO(data), len(data)) if n != "__meta__"]
+        assert seek == headers, fmt

@@ -1,7 +1,8 @@
-"""WebDataset inputs: tar shards streamed through fsspec with webdataset's tar iteration (members are read as bytes,
-never extracted). A shard is one unit. A sample is a run of adjacent members sharing a key (webdataset's rule: the
-member path up to the first dot of its base name); its id is `__key__`, its image the member whose last extension
-is an image extension, its columns the fields of its `.json` members and the text of its `.txt`/`.cls` members.
+"""WebDataset inputs: tar shards streamed through fsspec, members read as bytes and never extracted (tar.py walks an
+uncompressed shard, webdataset's tar iteration a compressed one). A shard is one unit. A sample is a run of adjacent
+members sharing a key (webdataset's rule: the member path up to the first dot of its base name); its id is
+`__key__`, its image the member whose last extension is an image extension, its columns the fields of its `.json`
+members and the text of its `.txt`/`.cls` members.
 
 With img2dataset's `<shard>.parquet` beside a shard, that file's keys are the shard's rows (failed downloads
 too, unless skip_failed), so a truncated tar yields an error row per key it lost; without one, the shard's rows are
@@ -13,6 +14,7 @@ import re
 import tarfile
 import zlib
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import fsspec
 import pyarrow as pa
@@ -22,6 +24,7 @@ from webdataset.tariterators import base_plus_ext, tar_file_iterator
 from po_batch.data.errors import PlanError
 from po_batch.data.readers.base import Batch, Reader, ReadError, Unit, UnitReadError
 from po_batch.data.readers.parquet import read_identity
+from po_batch.data.readers.tar import TarCut, members
 from po_batch.data.schema import Columns
 from po_batch.data.store import mtime
 
@@ -34,20 +37,39 @@ BATCH_ROWS = 64
 EXAMPLES = 5  # keys named in a marker's note; the count says how many there are
 # what webdataset's tar iteration skips: '__meta__'-style names
 _META = re.compile(r"__[^/]*__($|/)")
-# the damage a tar can have; an OSError instead is the storage failing, and fails the unit
+# the damage a compressed tar can have; an OSError instead is the storage failing, and fails the unit
 _DAMAGE = (tarfile.TarError, EOFError, zlib.error)
+_COMPRESSED = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00")  # gzip, bzip2, xz
+
+
+@contextmanager
+def _open(fs, path: str, size: int | None = None) -> Iterator[Iterator[tuple[str, bytes]]]:
+    """The shard's regular members as (name, data), raising TarCut where it breaks; with `size`, the headers
+    of an uncompressed shard only (data empty)."""
+    with fs.open(path, "rb") as f:
+        compressed = f.read(6).startswith(_COMPRESSED)
+        f.seek(0)
+        yield _inflated(f) if compressed else members(f, size)
+
+
+def _inflated(f) -> Iterator[tuple[str, bytes]]:
+    try:
+        for m in tar_file_iterator(f):
+            yield m["fname"], m["data"]
+    except _DAMAGE as e:
+        raise TarCut(f"the compressed tar is cut short or damaged: {str(e).split(' @ ')[0]}") from None
 
 
 def _part(name: str) -> tuple[str, str] | None:
     """(key, extension) of a member that belongs to a sample, as webdataset splits it; None for one it skips."""
-    if ("/" not in name and name.startswith("__") and name.endswith("__")) or _META.match(name):
+    if "__" in name and (("/" not in name and name.startswith("__") and name.endswith("__")) or _META.match(name)):
         return None
     key, ext = base_plus_ext(name)
     return None if key is None else (key, ext)
 
 
 def _last(ext: str) -> str:
-    return ext.rsplit(".", 1)[-1].lower()
+    return ext[ext.rfind(".") + 1:].lower()
 
 
 def _stem(path: str) -> str:
@@ -97,7 +119,7 @@ class WdsReader(Reader):
                 keys, truncated = _scan(fs, p, info["size"])
                 if truncated:
                     entry["truncated"] = truncated
-        except (OSError, *_DAMAGE) as e:
+        except OSError as e:
             raise PlanError(f"cannot read tar shard {file}: {e}") from e
         entry |= {"rows": len(keys), "cuts": [0, len(keys)] if keys else []}
         if keys:
@@ -175,11 +197,13 @@ class WdsReader(Reader):
         except OSError as e:
             raise UnitReadError(unit, f"{type(e).__name__}: {e}") from e
 
-    def sample(self, key: str, members: list[tuple[str, bytes]]) -> tuple[bytes | None, dict, ReadError | None]:
-        """(image, fields, error) of one sample's members."""
-        fields, error = {}, None
-        for ext, data in members:
-            if _last(ext) == "json":
+    def sample(self, key: str, parts: list[tuple[str, bytes]]) -> tuple[bytes | None, dict, ReadError | None]:
+        """(image, fields, error) of one sample's members, as (extension, data); the fields are the passthrough
+        columns the sample has."""
+        fields, texts, images, error = {}, {}, [], None
+        for ext, data in parts:
+            last = _last(ext)
+            if last == "json":
                 try:
                     doc = json.loads(data)
                 except ValueError as e:
@@ -188,22 +212,23 @@ class WdsReader(Reader):
                 if not isinstance(doc, dict):
                     error = error or ReadError("corrupt", f"{key}.{ext} is not a JSON object")
                     continue
-                fields |= {k: _text(v) for k, v in doc.items()}
-        for ext, data in members:  # a member's text wins over a JSON field of the same name
-            if _last(ext) in TEXT_EXTENSIONS:
+                fields |= {c: _text(doc[c]) for c in self.columns.passthrough if c in doc}
+            elif last in TEXT_EXTENSIONS:
                 try:
                     text = data.decode("utf-8")
                 except UnicodeDecodeError:
                     error = error or ReadError("corrupt", f"{key}.{ext} is not UTF-8 text")
                     continue
-                fields[ext] = text.strip() if _last(ext) == "cls" else text  # a class label, as webdataset reads it
+                texts[ext] = text.strip() if last == "cls" else text  # a class label, as webdataset reads it
+            elif last in self.image_extensions:
+                images.append(data)
+        fields |= texts  # a member's text wins over a JSON field of the same name
         if not self.images:
             return None, fields, error
-        found = [(ext, data) for ext, data in members if _last(ext) in self.image_extensions]
-        if len(found) == 1:
-            return found[0][1], fields, error
-        has = ", ".join(f".{ext}" for ext, _ in members)
-        if not found:
+        if len(images) == 1:
+            return images[0], fields, error
+        has = ", ".join(f".{ext}" for ext, _ in parts)
+        if not images:
             wanted = "/".join(f".{x}" for x in sorted(self.image_extensions))
             return None, fields, error or ReadError("missing", f"sample {key} has no image member ({wanted}); "
                                                                f"it has {has}")
@@ -224,7 +249,6 @@ class _ShardRead:
         self.handed = 0  # rows handed on
         self.errors, self.notes = {}, {}
         self.unlisted, self.ignored = [], 0
-        self.last_member = None
 
     def batches(self) -> Iterator[Batch]:
         fs, p = fsspec.core.url_to_fs(self.unit.file)
@@ -233,34 +257,32 @@ class _ShardRead:
             if len(self.listed) != self.unit.rows:
                 raise PlanError(f"{sidecar_of(self.unit.file)} lists {len(self.listed)} keys but unit "
                                 f"{self.unit.id} has {self.unit.rows}; it changed after it was planned")
-        key, members = None, []
-        with fs.open(p, "rb") as f:
+        key, group = None, []
+        with _open(fs, p) as tar:
             try:
-                for m in tar_file_iterator(f):
-                    part = _part(m["fname"])
+                for name, data in tar:
+                    part = _part(name)
                     if part is None:
                         self.ignored += 1
                         continue
-                    self.last_member = m["fname"]
-                    if part[0] != key and members:
-                        self.add(key, members)
+                    if part[0] != key and group:
+                        self.add(key, group)
                         yield from self.flush(keep=1)
                     if part[0] != key:
-                        key, members = part[0], []
-                    members.append((part[1], m["data"]))
-            except _DAMAGE as e:
-                after = f" after member {self.last_member}" if self.last_member else ""
-                self.notes["truncated"] = f"the tar is cut short or damaged{after}: {str(e).split(' @ ')[0]}"
-        if members:
-            self.add(key, members)
+                        key, group = part[0], []
+                    group.append((part[1], data))
+            except TarCut as e:
+                self.notes["truncated"] = str(e)
+        if group:
+            self.add(key, group)
         self.finish()
         yield from self.flush(keep=0)
 
     def id(self, key: str) -> str:
         return f"{self.prefix}/{key}" if self.prefix else key
 
-    def add(self, key: str, members: list[tuple[str, bytes]]) -> None:
-        exts = [ext for ext, _ in members]
+    def add(self, key: str, parts: list[tuple[str, bytes]]) -> None:
+        exts = [ext for ext, _ in parts]
         if key in self.at:
             row, seen = self.at[key]
             if set(exts) & seen:
@@ -283,7 +305,7 @@ class _ShardRead:
         if len(exts) != len(set(exts)):
             self.errors[row] = ReadError("duplicate_key", f"key {key} has two members of one extension in a row "
                                                           f"in {self.name} ({', '.join(f'.{x}' for x in exts)})")
-        image, fields, error = self.reader.sample(key, members)
+        image, fields, error = self.reader.sample(key, parts)
         if error is not None:
             self.errors.setdefault(row, error)
         self.rows.append((self.id(key), image, fields))
@@ -341,28 +363,17 @@ class _ShardRead:
 
 
 def _scan(fs, path: str, size: int) -> tuple[list[str], str | None]:
-    """The keys of a shard's whole members, in order, from its headers alone (an uncompressed tar is seeked
-    through, not read), and why it ends early if it does: the same members webdataset's iteration yields."""
+    """The keys of a shard's whole members, in order, and why it ends early if it does: the members that reading
+    it yields. An uncompressed shard's headers are read, its data seeked over."""
     keys, why = {}, None
-    with fs.open(path, "rb") as f:
-        tar = tarfile.open(fileobj=f, mode="r:*")
-        plain = tar.fileobj is f
+    with _open(fs, path, size) as tar:
         try:
-            for info in tar:
-                if plain and info.offset_data + info.size > size:
-                    why = f"it ends at byte {size}, inside member {info.name}"
-                    break
-                part = _part(info.name) if info.isreg() else None
+            for name, _ in tar:
+                part = _part(name)
                 if part is not None:
-                    if not plain:  # a compressed member is whole only if it decompresses
-                        tar.extractfile(info).read()
                     keys.setdefault(part[0])
-        except _DAMAGE as e:
-            why = f"the tar is cut short or damaged after byte {tar.offset}: {e}"
-        if why is None and plain:
-            f.seek(tar.offset)
-            if f.read(512) != bytes(512):
-                why = f"no tar header or end-of-archive marker at byte {tar.offset}: it is cut short or damaged"
+        except TarCut as e:
+            why = str(e)
     return list(keys), why
 
 
