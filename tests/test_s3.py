@@ -80,15 +80,16 @@ def test_appends_of_several_processes_read_back_as_one_object(s3, bucket):
 
 def test_a_claims_heartbeat_makes_a_takeover_decided_before_it_fail(s3, bucket):
     store = open_store(f"s3://{bucket}/out")
-    a, b = Claims(store, "host:1:a:b:c", "E", ttl_s=1.0), Claims(store, "host:2:a:b:c", "E", ttl_s=1.0)
+    # S3 keeps LastModified to the second: a ttl of 2 s is between 1 and 3 s of age
+    a, b = Claims(store, "host:1:a:b:c", "E", ttl_s=2.0), Claims(store, "host:2:a:b:c", "E", ttl_s=2.0)
     assert a.try_claim("u") and not b.try_claim("u") and a.holds("u")
-    time.sleep(2.1)  # A stalled past the ttl: B sees the claim expired ...
+    time.sleep(3.2)  # A stalled past the ttl: B sees the claim expired ...
     entry = store.stat("_po_batch/claims/u.claim")
     a.heartbeat()  # ... but A beats before B's takeover lands
     assert store.stat("_po_batch/claims/u.claim").version != entry.version
     assert not store.replace_if("_po_batch/claims/u.claim", entry.version, b'{"owner":"B"}')
     assert a.holds("u") and not b.holds("u")
-    time.sleep(2.1)
+    time.sleep(3.2)
     assert b.try_claim("u") and b.holds("u") and not a.holds("u")  # expired for real: taken over
     a.heartbeat()  # A's beat no longer lands: it is not A's claim
     assert b.holds("u")
