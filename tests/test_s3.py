@@ -125,6 +125,17 @@ def test_the_plan_lock_is_exclusive_and_a_dead_holders_lock_is_taken_over(s3, bu
     assert 0.5 < time.monotonic() - t < 10
 
 
+def test_a_store_without_conditional_writes_refuses_claims_and_names_shard(tmp_path):
+    store = open_store(f"memory://po-batch-{uuid.uuid4().hex[:8]}/out")
+    assert not store.conditional
+    with store.lock("_po_batch/plan.lock"):  # none to take: the README says to plan with one worker first
+        store.put("_po_batch/plan.json", b"{}")
+    assert store.read("_po_batch/plan.json") == b"{}" and store.stat("_po_batch/plan.json").version
+    with pytest.raises(PlanError, match=r"memory://.*/out: this store has no exclusive create, which claims need; "
+                                        r"run the workers with --shard I/N"):
+        Claims(store, "w", "E")
+
+
 def test_an_unknown_bucket_is_a_one_line_error(s3):
     store = open_store(f"s3://po-batch-no-such-bucket-{uuid.uuid4().hex[:8]}/out")
     with pytest.raises(PlanError, match=r"^output s3://po-batch-no-such-bucket-\w+/out is not writable"):

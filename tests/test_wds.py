@@ -203,6 +203,17 @@ def test_keys_that_repeat_across_shards_take_the_shard_name_and_unique_ones_stay
     assert "prefix" not in plan.files[str(tmp_path / "in" / "img-00000.tar")]
 
 
+def test_a_file_that_is_no_tar_is_left_out_of_the_plan_with_its_reason(tmp_path):
+    write_shard(tmp_path / "in" / "a.tar", [("k.jpg", b"x")])
+    (tmp_path / "in" / "b.tar").write_bytes(b"<html>503 Service Unavailable</html>" * 40)
+    (tmp_path / "in" / "c.tar").write_bytes(b"")
+    reader = WdsReader()
+    plan = load_or_create_plan(LocalStore(tmp_path / "out"), [str(tmp_path / "in")], 100, {}, reader=reader)
+    assert [u.file for u in plan.units] == [str(tmp_path / "in" / "a.tar")]
+    assert sorted(plan.unreadable) == [str(tmp_path / "in" / "b.tar"), str(tmp_path / "in" / "c.tar")]
+    assert "no valid tar header at byte 0" in plan.unreadable[str(tmp_path / "in" / "b.tar")]
+
+
 def test_brace_patterns_list_every_shard_and_name_a_missing_one(tmp_path):
     for i in range(3):
         write_shard(tmp_path / f"shards-{i:05d}.tar", [("a.jpg", b"x")])

@@ -38,6 +38,14 @@ def _refused(e: OSError) -> bool:
     return code in ("PreconditionFailed", "ConditionalRequestConflict", "412", "409")
 
 
+def _version(info: dict) -> str:
+    """S3's ETag, which its conditional writes compare; elsewhere what the backend has (GCS: a generation)."""
+    for k in ("ETag", "etag", "generation"):
+        if info.get(k) is not None:
+            return str(info[k])
+    return f"{info['size']}-{mtime(info)}"
+
+
 class FsspecWriter(Writer):
     """Buffers the part in memory (a part is one unit's rows) and PUTs it whole at commit."""
 
@@ -71,9 +79,9 @@ class FsspecStore(Store):
         return f"{self.base}/{name}" if name else self.base
 
     def _put(self, name: str, data: bytes, **cond) -> str:
-        """PUT; the new ETag."""
+        """PUT; the new version."""
         out = self.fs.pipe_file(self._path(name), data, **cond)
-        return out["ETag"] if isinstance(out, dict) and "ETag" in out else self.fs.info(self._path(name))["ETag"]
+        return out["ETag"] if isinstance(out, dict) and "ETag" in out else _version(self.fs.info(self._path(name)))
 
     def _need_conditional(self) -> None:
         if not self.conditional:
@@ -143,7 +151,7 @@ class FsspecStore(Store):
 
     @staticmethod
     def _entry(info: dict) -> Entry:
-        return Entry(info["name"].rsplit("/", 1)[-1], info["size"], mtime(info), info["ETag"])
+        return Entry(info["name"].rsplit("/", 1)[-1], info["size"], mtime(info), _version(info))
 
     def stat(self, name: str) -> Entry | None:
         try:

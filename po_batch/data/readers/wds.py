@@ -365,15 +365,17 @@ class _ShardRead:
 def _scan(fs, path: str, size: int) -> tuple[list[str], str | None]:
     """The keys of a shard's whole members, in order, and why it ends early if it does: the members that reading
     it yields. An uncompressed shard's headers are read, its data seeked over."""
-    keys, why = {}, None
+    keys, why, n = {}, None, 0
     with _open(fs, path, size) as tar:
         try:
-            for name, _ in tar:
+            for n, (name, _) in enumerate(tar, 1):
                 part = _part(name)
                 if part is not None:
                     keys.setdefault(part[0])
         except TarCut as e:
             why = str(e)
+    if why and not n:  # tarfile's "file could not be opened": an HTML error page, a zero-byte copy
+        raise PlanError(f"cannot read tar shard {path}: {why}; it is no tar, or cut short before its first member")
     return list(keys), why
 
 
