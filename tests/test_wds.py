@@ -87,6 +87,19 @@ def test_every_key_is_one_row_and_what_is_wrong_with_it_is_its_error(tmp_path):
     assert notes == {"members_ignored": 2, "repeated_keys": 2}  # __meta__ and README: no sample's
 
 
+def test_a_key_seen_again_after_its_row_was_handed_on_still_gets_its_error(tmp_path):
+    members = [(f"k{i:03d}.jpg", b"x") for i in range(200)] + [("k005.jpg", b"again"), ("k150.json", b"{}")]
+    reader = WdsReader()
+    entry = reader.describe(str(write_shard(tmp_path / "s.tar", members)), 100)[0]
+    batches = list(reader.read(units_of(entry, 0)[0], entry))
+    assert len(batches) > 2 and batches[-1].notes == {"repeated_keys": 2}
+    first = next(k for k, b in enumerate(batches) if 5 in b.errors)
+    assert first > 0 and sum(b.table.num_rows for b in batches[:first]) > 5  # arrived with a later batch
+    rows, _ = read_all(reader, str(tmp_path / "s.tar"))
+    assert [(i, r["error"].split(":")[0]) for i, r in enumerate(rows) if r["error"]] == [(5, "duplicate_key"),
+                                                                                      (150, "split_key")]
+
+
 def test_text_only_reading_wants_no_image_and_a_narrower_extension_list_resolves_two(tmp_path):
     shard = write_shard(tmp_path / "s.tar", [("a.txt", b"t"), ("b.jpg", b"B"), ("b.seg.png", b"mask")])
     rows, _ = read_all(WdsReader(("txt",), images=False), str(shard))
@@ -316,6 +329,8 @@ def build_shards(root: Path, seed: int = 0) -> dict[str, dict]:
     want["odd/s04"] = {"kind": "corrupt"}
     members += sample("s05", prefix="odd/") + sample("s06", prefix="odd/") + [("s05.txt", b"late")]
     want["odd/s05"]["kind"] = "split_key"
+    for i in range(10, 80):  # past a batch of rows: s00's row is handed on before its key comes again
+        members += sample(f"s{i:02d}", prefix="odd/")
     members += sample("s00", prefix="x/")[:1]
     want.pop("x/s00")
     want["odd/s00"]["kind"] = "duplicate_key"

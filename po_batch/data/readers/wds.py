@@ -248,7 +248,7 @@ class _ShardRead:
         self.rows = []  # (id, image, fields) not yet handed on
         self.handed = 0  # rows handed on
         self.errors, self.notes = {}, {}
-        self.unlisted, self.ignored = [], 0
+        self.unlisted, self.ignored, self.repeated = [], 0, set()
 
     def batches(self) -> Iterator[Batch]:
         fs, p = fsspec.core.url_to_fs(self.unit.file)
@@ -283,16 +283,18 @@ class _ShardRead:
 
     def add(self, key: str, parts: list[tuple[str, bytes]]) -> None:
         exts = [ext for ext, _ in parts]
+        kinds = set(exts)
         if key in self.at:
+            self.repeated.add(key)
             row, seen = self.at[key]
-            if set(exts) & seen:
+            if kinds & seen:
                 err = ReadError("duplicate_key", f"key {key} appears more than once in {self.name}; which sample "
                                                  "it names is ambiguous")
             else:
                 err = ReadError("split_key", f"the members of key {key} are not adjacent in {self.name} "
                                              f"({', '.join(f'.{x}' for x in exts)} come after other keys)")
             self.errors.setdefault(row, err)
-            seen.update(exts)
+            seen |= kinds
             return
         if self.listed is not None and key not in self.listed:
             self.unlisted.append(key)
@@ -301,8 +303,8 @@ class _ShardRead:
         if row >= self.unit.rows:
             raise PlanError(f"{self.unit.file} has more samples than the {self.unit.rows} planned; it changed after "
                             "it was planned")
-        self.at[key] = (row, set(exts))
-        if len(exts) != len(set(exts)):
+        self.at[key] = (row, kinds)
+        if len(exts) != len(kinds):
             self.errors[row] = ReadError("duplicate_key", f"key {key} has two members of one extension in a row "
                                                           f"in {self.name} ({', '.join(f'.{x}' for x in exts)})")
         image, fields, error = self.reader.sample(key, parts)
@@ -342,9 +344,8 @@ class _ShardRead:
                             f"{self.unit.rows}; it changed after it was planned")
         if self.ignored:
             self.notes["members_ignored"] = self.ignored
-        repeated = [str(e) for e in self.errors.values() if e.kind in ("duplicate_key", "split_key")]
-        if repeated:
-            self.notes["repeated_keys"] = len(repeated)
+        if self.repeated:
+            self.notes["repeated_keys"] = len(self.repeated)
 
     def flush(self, keep: int) -> Iterator[Batch]:
         """Hand on full batches, holding back `keep` rows: the unit's last batch must carry every error and note,
