@@ -103,15 +103,14 @@ class Runner:
                 self.claims and self.claims.release(unit.id)
                 continue
             st = UnitState(unit, time.time(), (self.spec.tasks.reads, self.spec.tasks.width))
-            ids = []  # the rows read so far: a read error after the last one fails nothing
+            ids = set()  # the rows read so far: a read error after the last one fails nothing
             try:
                 for batch in self.reader.read(unit, self.plan.files[unit.file]):
                     st.pieces.append(batch.table)
                     st.read_errors |= batch.errors
                     st.notes |= batch.notes
-                    ids.extend(batch.table.column(id_column).to_pylist())
-                    check_unique_ids(ids, unit, id_column)
                     fields = {c: batch.table.column(c).to_pylist() for c in batch.table.column_names}
+                    check_unique_ids(fields[id_column], unit, id_column, ids)
                     base = len(ids) - batch.table.num_rows
                     for j, image in enumerate(batch.images):
                         yield (st, base + j), (image, {c: v[j] for c, v in fields.items()})

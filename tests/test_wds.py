@@ -88,7 +88,7 @@ def test_every_key_is_one_row_and_what_is_wrong_with_it_is_its_error(tmp_path):
 
 
 def test_a_key_seen_again_after_its_row_was_handed_on_still_gets_its_error(tmp_path):
-    members = [(f"k{i:03d}.jpg", b"x") for i in range(200)] + [("k005.jpg", b"again"), ("k150.json", b"{}")]
+    members = [(f"k{i:03d}.jpg", b"x") for i in range(600)] + [("k005.jpg", b"again"), ("k150.json", b"{}")]
     reader = WdsReader()
     entry = reader.describe(str(write_shard(tmp_path / "s.tar", members)), 100)[0]
     batches = list(reader.read(units_of(entry, 0)[0], entry))
@@ -329,7 +329,7 @@ def build_shards(root: Path, seed: int = 0) -> dict[str, dict]:
     want["odd/s04"] = {"kind": "corrupt"}
     members += sample("s05", prefix="odd/") + sample("s06", prefix="odd/") + [("s05.txt", b"late")]
     want["odd/s05"]["kind"] = "split_key"
-    for i in range(10, 80):  # past a batch of rows: s00's row is handed on before its key comes again
+    for i in range(10, 270):  # past a batch of rows: s00's row is handed on before its key comes again
         members += sample(f"s{i:02d}", prefix="odd/")
     members += sample("s00", prefix="x/")[:1]
     want.pop("x/s00")

@@ -179,8 +179,9 @@ def resolve_path(value: str, parquet_file: str) -> str:
     return os.path.normpath(os.path.join(os.path.dirname(parquet_file), value))
 
 
-def check_unique_ids(ids: list, unit: Unit, id_column: str) -> None:
-    seen = set()
+def check_unique_ids(ids: list, unit: Unit, id_column: str, seen: set | None = None) -> None:
+    """PlanError naming the first id that repeats; `seen` carries the unit's earlier ids (and takes these)."""
+    seen = set() if seen is None else seen
     for v in ids:
         if v in seen:
             raise PlanError(

@@ -33,7 +33,7 @@ IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 TEXT_EXTENSIONS = ("txt", "cls")
 SHARD_EXTENSIONS = (".tar", ".tar.gz", ".tgz")
 TAIL_BYTES = 1 << 16  # the identity hashes the shard's last 64 KiB: a rewrite moves the end blocks' neighbours
-BATCH_ROWS = 64
+BATCH_ROWS = 256
 EXAMPLES = 5  # keys named in a marker's note; the count says how many there are
 # what webdataset's tar iteration skips: '__meta__'-style names
 _META = re.compile(r"__[^/]*__($|/)")
