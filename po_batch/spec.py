@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from po_batch.config import Config, ConfigError, EmbedTask, RerankTask, results_fingerprint
 from po_batch.models import loader
 from po_batch.models.registry import Checkpoint, open_checkpoint
-from po_batch.prep.image import ImageSpec, spec_from_preprocessor_config
+from po_batch.prep.families import family_prep
 from po_batch.prep.prompt import PromptTemplate, build_template
 from po_batch.prep.row import Prep
 from po_batch.tasks import build_tasks
@@ -24,7 +24,7 @@ class Spec:
     tokenizer: object       # the checkpoint's transformers tokenizer
     template: PromptTemplate | None  # None where the task writes its own prompt (rerank recipes)
     tasks: Questions
-    image: ImageSpec | None  # None for text-only rows
+    image: object | None    # the family's image processor (prep/families.py); None for text-only rows
     device: str
     dtype: str
     workers: int
@@ -56,17 +56,24 @@ class Spec:
                       self.tasks.full_vocab, self.tasks.head, self.cfg.model.quantization)
 
 
-def image_spec(ckpt: Checkpoint, cfg: Config) -> ImageSpec | None:
+def image_spec(ckpt: Checkpoint, cfg: Config):
+    """The family's image processor for this checkpoint and config (None when rows carry no image)."""
     if not ckpt.is_vision or cfg.input.image_column is None:
         return None
+    family = family_prep(ckpt.config["model_type"])
+    if not family.pixel_range:
+        for key in ("min_pixels", "max_pixels"):
+            if getattr(cfg.image, key) is not None:
+                raise ConfigError(f"image.{key}: {ckpt.config['model_type']} checkpoints tile each image to the "
+                                  f"resolutions their preprocessor config lists; leave it unset")
     # transformers 5 saves a processor's image settings nested in processor_config.json, which the spec reads too
     source = next((f for f in (ckpt.dir / "preprocessor_config.json", ckpt.dir / "processor_config.json")
                    if f.is_file()), None)
     if source is None:
         raise loader.ModelError(f"{ckpt.dir} has no preprocessor_config.json (needed for a vision model)")
     try:
-        spec = spec_from_preprocessor_config(json.loads(source.read_text()), cfg.image.min_pixels,
-                                             cfg.image.max_pixels)
+        spec = family.processor(json.loads(source.read_text()), ckpt.config, cfg.image.min_pixels,
+                                cfg.image.max_pixels)
     except (KeyError, ValueError) as e:
         raise loader.ModelError(f"{source.name}: {e}") from None
     return dataclasses.replace(spec, max_decode_pixels=cfg.image.max_decode_pixels,
@@ -84,10 +91,11 @@ def open_spec(cfg: Config, device: str, dtype: str, workers: int) -> Spec:
     if not ckpt.is_vision and cfg.input.image_column is not None:
         raise ConfigError(f"input.image_column: {ckpt.dir} is a text-only model: set input.image_column: null")
     tokenizer = AutoTokenizer.from_pretrained(ckpt.dir)
+    family = family_prep(ckpt.config["model_type"])
     image = image_spec(ckpt, cfg)
     template = None
     if not isinstance(cfg.task, RerankTask):
-        template = build_template(tokenizer, image is not None, ckpt.config.get("image_token_id"),
-                                  image.merge_size if image else 2, cfg.task.system, cfg.task.template == "raw")
+        template = build_template(tokenizer, image is not None, ckpt.image_token_id, family, cfg.task.system,
+                                  cfg.task.template == "raw")
     tasks = build_tasks(cfg, tokenizer, template, ckpt, image is not None)
     return Spec(cfg, ckpt, tokenizer, template, tasks, image, device, dtype, workers, loader.identity(ckpt.dir))

@@ -15,6 +15,10 @@ QWEN_ROLES = {"unk_token": "<|endoftext|>", "eos_token": "<|im_end|>", "pad_toke
 # it), as prep/prompt.py's check that the template's parts tokenize like the whole prompt needs.
 GEMMA_ROLES = {"unk_token": "<unk>", "bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>"}
 GEMMA_SPECIAL_TOKENS = ["<start_of_turn>", "<end_of_turn>"]
+# LLaVA-NeXT's Llama tokenizer: it puts <s> before any text it tokenizes, and the chat template writes none
+LLAVA_ROLES = {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>",
+               "add_bos_token": True}
+LLAVA_SPECIAL_TOKENS = ["<image>"]
 
 # Qwen2-VL's template (Qwen2.5-VL's is the same): a default system prompt, images as vision_start/pad/end.
 VL_TEMPLATE = (
@@ -35,6 +39,18 @@ GEMMA_TEMPLATE = (
     "{% else %}{% set role = message['role'] %}{% endif %}<start_of_turn>{{ role }}\n{{ message['content'] | trim }}"
     "<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
 )
+# llava-v1.6-mistral-7b's (chat_template.json): the images first, then the text, between [INST] and [/INST].
+LLAVA_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'system' %}{{ '<<SYS>>\\n' + message['content'][0]['text'] + "
+    "'\\n<</SYS>>\\n\\n' }}{% elif message['role'] == 'user' %}{{ '[INST] ' }}{# Render all images first #}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\\n' }}{% endfor %}"
+    "{# Render all text next #}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{{ content['text'] }}{% endfor %}{{' [/INST]' }}{% elif message['role'] == 'assistant' %}"
+    "{{ ' ' + message['content'][0]['text'] + '<\\\\s> '}}{% else %}"
+    "{{ raise_exception('Only user and assistant roles are supported!') }}{% endif %}{% endfor %}"
+)
+# LLaVA-NeXT's tiles, at a sixth of llava-v1.6's 336-pixel crops: (height, width) in pixels
+LLAVA_PINPOINTS = [[56, 112], [112, 56], [112, 112], [168, 56], [56, 168]]
 # Text-only Qwen: content is a string.
 TEXT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n{% endfor %}"
@@ -97,7 +113,7 @@ def _ids(tok) -> dict:
 def build_checkpoint(path: str | Path, family: str = "qwen3_vl", seed: int = 0, tie: bool | None = None,
                      extra_first: int = 37, template: str | None = None, bare: bool = False, **overrides) -> Path:
     """Save a tiny random `family` checkpoint (qwen3_vl, qwen2_vl, qwen2_5_vl, qwen2, qwen3; gemma, gemma2 and
-    gemma2_model, the bare Gemma2Model) into `path`; or a ranking model in its published layout: jina_m0 (a
+    gemma2_model, the bare Gemma2Model; llava_next) into `path`; or a ranking model in its published layout: jina_m0 (a
     Qwen2-VL with a score MLP, transformers 4.4x names) and jina_v3 (a Qwen3 with a projector and two special
     tokens). The LM head is tied for Gemma, untied otherwise, unless `tie` says. `template`: another chat
     template. `bare`: saved as the *Model, as embedding models are (no `model.` prefix, no LM head)."""
@@ -110,8 +126,12 @@ def build_checkpoint(path: str | Path, family: str = "qwen3_vl", seed: int = 0, 
     tie = gemma if tie is None else tie
     head = family if family.startswith("jina_") else None
     family = {"jina_m0": "qwen2_vl", "jina_v3": "qwen3"}.get(family, family)
-    tok = build_tokenizer(extra_first, GEMMA_ROLES, GEMMA_SPECIAL_TOKENS) if gemma else \
-        build_tokenizer(extra_first, extra_special=JINA_V3_TOKENS if head == "jina_v3" else ())
+    if gemma:
+        tok = build_tokenizer(extra_first, GEMMA_ROLES, GEMMA_SPECIAL_TOKENS)
+    elif family == "llava_next":
+        tok = build_tokenizer(extra_first, LLAVA_ROLES, LLAVA_SPECIAL_TOKENS)
+    else:
+        tok = build_tokenizer(extra_first, extra_special=JINA_V3_TOKENS if head == "jina_v3" else ())
     vocab = len(tok) + 3  # a little slack beyond the tokenizer, as real checkpoints have
     ids = _ids(tok)
     text = dict(vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
@@ -171,6 +191,14 @@ def build_checkpoint(path: str | Path, family: str = "qwen3_vl", seed: int = 0, 
         config = tf.Gemma2Config(**text)
         model_cls = tf.Gemma2ForCausalLM if family == "gemma2" else tf.Gemma2Model
         default_template, patch = GEMMA_TEMPLATE, None
+    elif family == "llava_next":  # llava-v1.6-mistral-7b's layout: CLIP read at its next-to-last layer, Mistral
+        text |= dict(model_type="mistral", num_attention_heads=4, num_key_value_heads=2, sliding_window=None,
+                     rope_parameters={"rope_type": "default", "rope_theta": 1e6}) | text_overrides
+        vision = dict(model_type="clip_vision_model", hidden_size=48, intermediate_size=80, num_hidden_layers=3,
+                      num_attention_heads=4, image_size=56, patch_size=14) | vision
+        config = tf.LlavaNextConfig(text_config=text, vision_config=vision, image_token_index=tok.convert_tokens_to_ids(
+            "<image>"), image_grid_pinpoints=LLAVA_PINPOINTS, vision_feature_layer=-2, tie_word_embeddings=tie)
+        model_cls, default_template, patch = tf.LlavaNextForConditionalGeneration, LLAVA_TEMPLATE, None
     else:
         raise ValueError(f"unknown family {family!r}")
     torch.manual_seed(seed)
@@ -199,7 +227,26 @@ def build_checkpoint(path: str | Path, family: str = "qwen3_vl", seed: int = 0, 
                                    "qwen2_5_vl": "Qwen2_5_VLProcessor"}[family]}
         (path / "preprocessor_config.json").write_text(json.dumps(pre, indent=2))
         (path / "chat_template.jinja").write_text(template)
+    if family == "llava_next":
+        write_llava_processor(path, config.vision_config.image_size, config.vision_config.patch_size,
+                              LLAVA_PINPOINTS, template)
     return path
+
+
+def write_llava_processor(path: Path, crop: int, patch: int, pinpoints: list, template: str) -> None:
+    """llava-v1.6-mistral-7b's processor files (preprocessor_config.json, processor_config.json, the chat
+    template), at the given sizes."""
+    pre = {"aspect_ratio_setting": "anyres", "crop_size": {"height": crop, "width": crop}, "do_center_crop": True,
+           "do_convert_rgb": True, "do_normalize": True, "do_rescale": True, "do_resize": True,
+           "image_grid_pinpoints": pinpoints, "image_mean": [0.48145466, 0.4578275, 0.40821073],
+           "image_processor_type": "LlavaNextImageProcessor", "image_std": [0.26862954, 0.26130258, 0.27577711],
+           "processor_class": "LlavaNextProcessor", "resample": 3, "rescale_factor": 1 / 255,
+           "size": {"shortest_edge": crop}}
+    proc = {"image_token": "<image>", "num_additional_image_tokens": 1, "patch_size": patch,
+            "processor_class": "LlavaNextProcessor", "vision_feature_select_strategy": "default"}
+    (path / "preprocessor_config.json").write_text(json.dumps(pre, indent=2))
+    (path / "processor_config.json").write_text(json.dumps(proc, indent=2))
+    (path / "chat_template.jinja").write_text(template)
 
 
 def _relayout(path: Path, model, head: str | None, bare: bool, seed: int) -> None:

@@ -15,6 +15,7 @@ from po_batch.data.plan import units_of
 from po_batch.data.readers import open_reader
 from po_batch.data.readers.listing import list_inputs
 from po_batch.models import loader
+from po_batch.prep.families import family_prep
 from po_batch.prep.image import decode, read_path
 from po_batch.prep.pool import RowError
 from po_batch.prep.prompt import render_chat
@@ -59,16 +60,18 @@ class Transformers:
         if raw:
             prompt = text
         elif task.template == "raw":
-            prompt = ("<|vision_start|><|image_pad|><|vision_end|>" if self.image else "") + text
+            prompt = (family_prep(self.spec.ckpt.config["model_type"]).placeholder if self.image else "") + text
         else:
             content = [{"type": "image"}, {"type": "text", "text": text}] if self.image else text
             prompt = render_chat(self.proc, content, task.system) + answer
-        special = raw or task.template == "raw"  # a chat template renders every token itself
+        # a chat template renders every token itself, except where a processor adds the tokenizer's own (its BOS)
+        # to a prompt that does not begin with BOS, as ProcessorMixin.apply_chat_template does
+        bos = self.proc.tokenizer.bos_token if self.spec.ckpt.is_vision else None
+        special = raw or task.template == "raw" or (self.spec.ckpt.is_vision and not (bos and prompt.startswith(bos)))
         if self.image is None:
             return self.proc(text=[prompt], return_tensors="pt", add_special_tokens=special).to(self.spec.device)
-        spec = self.spec.image
         return self.proc(text=[prompt], images=[self.image], return_tensors="pt", add_special_tokens=special,
-                         size={"shortest_edge": spec.min_pixels, "longest_edge": spec.max_pixels}).to(self.spec.device)
+                         **self.spec.image.reference_kwargs()).to(self.spec.device)
 
     def _logits(self, inputs, keep: int):
         import torch
@@ -157,7 +160,8 @@ def verify(cfg: Config, n: int, device: str, dtype: str, console: Console | None
                 table.add_row(rid, "", str(p), "skipped: po-batch flags the row", "", "", "")
             continue
         image = rows[i][0]
-        oracle.image = decode(read_path(image) if isinstance(image, str) else image, spec.image) if spec.image else None
+        data = read_path(image, spec.image.max_file_bytes) if spec.image and isinstance(image, str) else image
+        oracle.image = decode(data, spec.image) if spec.image else None
         values = [{k: "" if v is None else v for k, v in rows[j][1].items()} for j in range(i, i + n)]
         for name, task in spec.tasks.tasks.items():
             mine = task.scores(ours[name])[first[b]:first[b] + n]

@@ -3,7 +3,7 @@ with the published shapes, the same inputs, in one run on one card. Reports samp
 bf16 matmul rate, peak GPU memory, and bf16 parity (max |Δ P(yes)|, answer agreement). Writes JSON.
 
     python scripts/bench_engine.py [--workloads qwen3_vl_2b,qwen3_vl_2b_mixed,qwen2_vl_2b,qwen2_5_vl_3b,qwen3_0_6b,
-                                    gemma_2b,gemma2_9b]
+                                    gemma_2b,gemma2_9b,llava_next_7b]
 """
 
 import argparse
@@ -39,6 +39,7 @@ WORKLOADS = {  # name: (checkpoint, image sizes or None, max_pixels)
     "qwen3_0_6b": ("qwen3_0_6b", None, None),
     "gemma_2b": ("gemma_2b", None, None),    # bge-reranker-v2-gemma's shapes
     "gemma2_9b": ("gemma2_9b", None, None),  # bge-multilingual-gemma2's decoder (soft-caps, sliding windows)
+    "llava_next_7b": ("llava_next_7b", "672", None),  # llava-v1.6-mistral-7b: 672x672 tiles to 2x2 crops, 2928 tokens
 }
 
 
@@ -47,9 +48,9 @@ def rows_for(kind: str | None, n: int) -> list[tuple[object, dict]]:
     if kind is None:
         return [(None, {"id": i, "query": " ".join(rng.choice(WORDS, 6)),
                         "doc": " ".join(rng.choice(WORDS, int(rng.integers(110, 150))))}) for i in range(n)]
-    sizes = [(448, 448)] * n if kind == "448" else benchlib.mixed_sizes(n)
+    sizes = benchlib.mixed_sizes(n) if kind == "mixed" else [(int(kind), int(kind))] * n
     jpegs = [benchlib.photo_jpeg(w, h, i % 64) for i, (w, h) in enumerate(sizes[:64])]
-    return [(jpegs[i % 64] if kind == "448" else benchlib.photo_jpeg(*sizes[i], i),
+    return [(jpegs[i % 64] if kind != "mixed" else benchlib.photo_jpeg(*sizes[i], i),
              {"id": i, "category": CATEGORIES[i % len(CATEGORIES)]}) for i in range(n)]
 
 
@@ -282,8 +283,10 @@ def main():
         theirs = bench_hf(ckpt, rows, cfg, open_spec(cfg, "cpu", "float32", 0).tasks.candidates,
                           (4, 8) if args.cpu_smoke else (16, 32, 64))
         cfg_json = json.loads((ckpt / "config.json").read_text())
-        flops = float(np.mean([benchlib.model_flops(cfg_json, s.tokens - (s.grid[1] * s.grid[2] // 4 if s.grid else 0),
-                                                    s.grid) for s in ours["samples"]]))
+        image_token = open_checkpoint(str(ckpt)).image_token_id
+        image = [0 if image_token is None else int((s.input_ids == image_token).sum()) for s in ours["samples"]]
+        flops = float(np.mean([benchlib.model_flops(cfg_json, s.tokens - k, s.grid, k)
+                               for s, k in zip(ours["samples"], image)]))
         best_b = max((b for b, r in theirs["by_batch"].items() if r), key=lambda b: theirs["by_batch"][b]["samples_per_s"])
         best = theirs["by_batch"][best_b]["samples_per_s"]
         w = {"samples": n, "flops_per_sample": flops,

@@ -8,7 +8,6 @@ passes, and labels (full) vs transformers scoring each label separately. Writes 
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -96,7 +95,7 @@ def main():
     ref = []
     for image, fields in rows[:args.verify_rows]:
         oracle.image = decode(image, full_spec.image)
-        ref.append(task.reference(oracle, LABEL_PROMPT.format(**fields)))
+        ref.append(task.reference(oracle, [fields])[0])
     ref = np.stack(ref)
     d_prob = float(np.abs(task.probs(mine) - task.probs(ref)).max())
     agree = float((mine.argmax(1) == ref.argmax(1)).mean())

@@ -35,6 +35,25 @@ GEMMA2_9B = {"architectures": ["Gemma2ForCausalLM"], "model_type": "gemma2", "vo
              "attention_bias": False}
 TEXT_MODELS = {"qwen3_0_6b": QWEN3_06B, "gemma_2b": GEMMA_2B, "gemma2_9b": GEMMA2_9B}
 
+# llava-v1.6-mistral-7b (llava-hf/llava-v1.6-mistral-7b-hf): its config.json as published, the text config leaving the
+# hidden size and the layer and head counts to MistralConfig's defaults (4096, 32, 32); its preprocessor config has
+# 336-pixel crops and these pinpoints (tests/test_llava_next.py pins both against transformers)
+LLAVA_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
+LLAVA_NEXT_7B = {"architectures": ["LlavaNextForConditionalGeneration"], "ignore_index": -100,
+                 "image_grid_pinpoints": LLAVA_PINPOINTS, "image_token_index": 32000, "model_type": "llava_next",
+                 "projector_hidden_act": "gelu",
+                 "text_config": {"_name_or_path": "mistralai/Mistral-7B-Instruct-v0.2",
+                                 "architectures": ["MistralForCausalLM"], "intermediate_size": 14336,
+                                 "max_position_embeddings": 32768, "model_type": "mistral", "num_key_value_heads": 8,
+                                 "rms_norm_eps": 1e-05, "rope_theta": 1000000.0, "sliding_window": None,
+                                 "torch_dtype": "bfloat16", "vocab_size": 32064},
+                 "torch_dtype": "float16", "use_image_newline_parameter": True,
+                 "vision_config": {"hidden_size": 1024, "image_size": 336, "intermediate_size": 4096,
+                                   "model_type": "clip_vision_model", "num_attention_heads": 16,
+                                   "num_hidden_layers": 24, "patch_size": 14, "projection_dim": 768,
+                                   "vocab_size": 32000},
+                 "vision_feature_layer": -2, "vision_feature_select_strategy": "default", "vocab_size": 32064}
+
 PUBLISHED = {"qwen3_vl_2b": "Qwen3-VL-2B-Instruct", "qwen2_vl_2b": "Qwen2-VL-2B-Instruct",
              "qwen2_5_vl_3b": "Qwen2.5-VL-3B-Instruct"}
 
@@ -52,13 +71,22 @@ def make_checkpoint(name: str, out: Path, device: str = "cuda", tiny: bool = Fal
         return out
     if tiny:
         family = {"qwen3_vl_2b": "qwen3_vl", "qwen2_vl_2b": "qwen2_vl", "qwen2_5_vl_3b": "qwen2_5_vl",
-                  "qwen3_0_6b": "qwen3", "gemma_2b": "gemma", "gemma2_9b": "gemma2"}[name]
+                  "qwen3_0_6b": "qwen3", "gemma_2b": "gemma", "gemma2_9b": "gemma2", "llava_next_7b": "llava_next"}[name]
         return tiny_models.build_checkpoint(out, family)
-    gemma = name.startswith("gemma")
-    tok = tiny_models.build_tokenizer(0, tiny_models.GEMMA_ROLES, tiny_models.GEMMA_SPECIAL_TOKENS) if gemma \
-        else tiny_models.build_tokenizer()
+    gemma, llava = name.startswith("gemma"), name.startswith("llava")
+    if gemma:
+        tok = tiny_models.build_tokenizer(0, tiny_models.GEMMA_ROLES, tiny_models.GEMMA_SPECIAL_TOKENS)
+    elif llava:
+        tok = tiny_models.build_tokenizer(0, tiny_models.LLAVA_ROLES, tiny_models.LLAVA_SPECIAL_TOKENS)
+    else:
+        tok = tiny_models.build_tokenizer()
     pre = None
-    if name in TEXT_MODELS:
+    if llava:
+        d = LLAVA_NEXT_7B | {"image_token_index": tok.convert_tokens_to_ids("<image>")}
+        config = tf.AutoConfig.for_model(d["model_type"], **{k: v for k, v in d.items()
+                                                              if k not in ("architectures", "model_type")})
+        cls, template = tf.AutoModelForImageTextToText, tiny_models.LLAVA_TEMPLATE
+    elif name in TEXT_MODELS:
         d = TEXT_MODELS[name] | ({"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id,
                                   "pad_token_id": tok.pad_token_id} if gemma else {})
         config = tf.AutoConfig.for_model(d["model_type"], **{k: v for k, v in d.items()
@@ -85,6 +113,8 @@ def make_checkpoint(name: str, out: Path, device: str = "cuda", tiny: bool = Fal
     if pre:
         (out / "preprocessor_config.json").write_text(json.dumps(pre))
         (out / "chat_template.jinja").write_text(template)
+    if llava:
+        tiny_models.write_llava_processor(out, 336, 14, LLAVA_PINPOINTS, template)
     return out
 
 
@@ -112,17 +142,25 @@ def mixed_sizes(n: int, seed: int = 0) -> list[tuple[int, int]]:
     return out
 
 
-def model_flops(config: dict, text_tokens: int, grid: tuple[int, int, int] | None) -> float:
+def model_flops(config: dict, text_tokens: int, grid: tuple[int, int, int] | None,
+                image_tokens: int | None = None) -> float:
     """Forward FLOPs of one sample (2 per multiply-add): every linear layer of both towers, attention's two
-    matmuls (causal: half), the mergers; not the LM head (one position, two rows)."""
+    matmuls (causal: half), the mergers or projector; not the LM head (one position, two rows). `image_tokens`: the
+    image's tokens in the prompt where the grid does not say (LLaVA-NeXT's unpadded tiles)."""
     t = config.get("text_config", config)
     h, layers = t["hidden_size"], t["num_hidden_layers"]
     heads, kv = t["num_attention_heads"], t.get("num_key_value_heads") or t["num_attention_heads"]
     hd = t.get("head_dim") or h // heads
     v = config.get("vision_config")
-    image_tokens = 0
     vision = 0.0
-    if v and grid:
+    if v and grid and config["model_type"] == "llava_next":  # CLIP over each crop, read at vision_feature_layer
+        crops, n = grid[0], grid[1] * grid[2] + 1
+        vd, vi = v["hidden_size"], v["intermediate_size"]
+        depth = v["num_hidden_layers"] + 1 + config.get("vision_feature_layer", -2)
+        per_crop = 2 * (n - 1) * 3 * v["patch_size"] ** 2 * vd + depth * (2 * n * (4 * vd * vd + 2 * vd * vi)
+                                                                          + 4 * n * n * vd)
+        vision = crops * per_crop + 2 * image_tokens * (vd * h + h * h)
+    elif v and grid:
         n = grid[0] * grid[1] * grid[2]
         merge = v.get("spatial_merge_size", 2)
         image_tokens = n // merge ** 2
@@ -142,7 +180,7 @@ def model_flops(config: dict, text_tokens: int, grid: tuple[int, int, int] | Non
             span = n if full is None or b in full else min(n, (window // v["patch_size"]) ** 2)
             attn += 4 * n * span * vd
         vision = 2 * n * (patch * vd + depth * per_block) + attn + mergers * 2 * image_tokens * (g * g + g * out)
-    tokens = text_tokens + image_tokens
+    tokens = text_tokens + (image_tokens or 0)
     per_token = h * (heads * hd + 2 * kv * hd) + heads * hd * h + 3 * h * t["intermediate_size"]
     lm = 2 * tokens * layers * per_token + layers * 2 * tokens * tokens * heads * hd  # causal: half of 4*T^2*d
     return vision + lm

@@ -1,6 +1,8 @@
 """Fixtures shared across test files."""
 
+import contextlib
 import os
+import shutil
 import subprocess
 import sys
 
@@ -24,3 +26,16 @@ def po_batch_cli():
                               env={**os.environ, "PYTHONUNBUFFERED": "1"}, timeout=timeout)
 
     return run
+
+
+@contextlib.contextmanager
+def tmpfs(path, size: str):
+    """A real tmpfs of `size` (e.g. "64k") mounted at the new folder `path`, for full-disk tests; root only."""
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("mounting a tmpfs needs root")
+    path.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], check=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=True)

@@ -13,6 +13,7 @@ import sys
 import time
 
 import pytest
+from conftest import tmpfs
 
 from po_batch.data.claims import UNREADABLE_GRACE_S, Claims, claim_states, default_owner
 from po_batch.data.store import LocalStore
@@ -144,12 +145,7 @@ def test_unreadable_claim_is_stale_after_a_short_grace_not_the_ttl(tmp_path):
 @pytest.fixture
 def full_tmpfs(tmp_path):
     """A real 64 KiB tmpfs, filled up; root only."""
-    if os.geteuid() != 0 or shutil.which("mount") is None:
-        pytest.skip("mounting a tmpfs needs root")
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)], check=True)
-    try:
+    with tmpfs(tmp_path / "mnt", "64k") as mnt:
         (mnt / "_po_batch" / "claims").mkdir(parents=True)
         with open(mnt / "filler", "wb", buffering=0) as f:
             with pytest.raises(OSError) as e:
@@ -157,8 +153,6 @@ def full_tmpfs(tmp_path):
                     f.write(b"x" * 4096)
             assert e.value.errno == errno.ENOSPC
         yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=True)
 
 
 def test_claim_on_a_full_disk_fails_without_leaving_an_empty_claim(full_tmpfs):

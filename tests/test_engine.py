@@ -14,7 +14,6 @@ from po_batch.engine.runner import Engine
 from po_batch.models.loader import ModelError
 from po_batch.models.registry import open_checkpoint
 from po_batch.prep.image import prepare, smart_resize, spec_from_preprocessor_config
-from po_batch.prep.patches import to_patches
 from po_batch.prep.prompt import PromptError, answer_ids, build_template
 from po_batch.sample import Question, Sample
 from po_batch.tiny import build_checkpoint
@@ -68,17 +67,17 @@ def test_packed_batch_matches_transformers_and_each_sample_alone(ckpt_dir, hf):
     for k, (w, h) in enumerate(SIZES):
         data = jpeg(w, h, k)
         category = ["cat", "dog", "car", "tree", "house", "boat"][k]
-        pixels, grid = prepare(data, spec)
-        tokens = template.encode([Question(PROMPT)], {"category": category}, grid)
+        picture = spec.picture(prepare(data, spec)[0])
+        tokens = template.encode([Question(PROMPT)], {"category": category}, picture)
         input_ids = tokens[0]
-        samples.append(Sample(*tokens, to_patches(pixels, spec.patch_size, spec.merge_size), grid))
+        samples.append(Sample(*tokens, picture.patches, picture.grid))
 
         text = processor.apply_chat_template(
             [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": PROMPT.format(category=category)}]}],
             tokenize=False, add_generation_prompt=True)
         inputs = processor(text=[text], images=[Image.open(io.BytesIO(data))], return_tensors="pt")
         assert input_ids.tolist() == inputs["input_ids"][0].tolist()  # the prompt equals the full rendering
-        assert grid == tuple(inputs["image_grid_thw"][0].tolist())
+        assert picture.grid == tuple(inputs["image_grid_thw"][0].tolist())
         with torch.no_grad():
             ref.append(model(**inputs, logits_to_keep=1).logits[0, -1, ids].numpy())
     ref = np.stack(ref)
@@ -152,9 +151,8 @@ def test_sharded_checkpoint_loads_through_its_index(ckpt_dir, hf, tmp_path):
     assert len(json.loads((sharded / "model.safetensors.index.json").read_text())["weight_map"]) > 0
     assert len(list(sharded.glob("model-*.safetensors"))) > 1
     ckpt, spec, ids, template = setup(ckpt_dir, processor)
-    pixels, grid = prepare(jpeg(96, 64, 0), spec)
-    sample = Sample(*template.encode([Question(PROMPT)], {"category": "cat"}, grid),
-                    to_patches(pixels, spec.patch_size, spec.merge_size), grid)
+    picture = spec.picture(prepare(jpeg(96, 64, 0), spec)[0])
+    sample = Sample(*template.encode([Question(PROMPT)], {"category": "cat"}, picture), picture.patches, picture.grid)
     args = dict(pixel_mean=spec.image_mean, pixel_std=spec.image_std)
     one = Engine(ckpt, ids, "cpu", "float32", **args).score([sample])
     many = Engine(open_checkpoint(str(sharded)), ids, "cpu", "float32", **args).score([sample])

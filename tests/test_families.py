@@ -15,7 +15,7 @@ from po_batch.engine.batch import pack
 from po_batch.engine.runner import Engine
 from po_batch.models import loader
 from po_batch.models.registry import FAMILIES, open_checkpoint
-from po_batch.prep.patches import to_patches
+from po_batch.prep.image import spec_from_preprocessor_config
 from po_batch.prep.prompt import answer_ids, build_template
 from po_batch.sample import Question, Sample
 from po_batch.tiny import build_checkpoint
@@ -43,6 +43,7 @@ def vl_case(model_dir: Path):
     tmpl = build_template(tok, image=True, image_token_id=image_token_id)
     ids = answer_ids(tok, ANSWERS)
     p, m = pre.patch_size, pre.merge_size
+    spec = spec_from_preprocessor_config(json.loads((model_dir / "preprocessor_config.json").read_text()))
     rng = np.random.default_rng(0)
     samples, ref = [], []
     for (gh, gw), thing in zip(GRIDS, THINGS):
@@ -54,9 +55,11 @@ def vl_case(model_dir: Path):
             ref.append(hf(**inp).logits[0, -1, ids].numpy())
         grid = tuple(inp["image_grid_thw"][0].tolist())
         assert grid == (1, gh * m, gw * m)
-        tokens = tmpl.encode([Question(PROMPT)], {"thing": thing}, grid)
+        picture = spec.picture(img)
+        assert picture.grid == grid
+        tokens = tmpl.encode([Question(PROMPT)], {"thing": thing}, picture)
         assert tokens[0].tolist() == inp["input_ids"][0].tolist()
-        samples.append(Sample(*tokens, to_patches(img, p, m), grid))
+        samples.append(Sample(*tokens, picture.patches, picture.grid))
     return samples, np.stack(ref), ids, (pre.image_mean, pre.image_std)
 
 

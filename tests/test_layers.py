@@ -3,7 +3,6 @@ for equal lengths; Gemma2's score scale, soft-cap and sliding window) and M-RoPE
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from po_batch.layers.attention import _dense, varlen_attention
 from po_batch.layers.context import Varlen

@@ -13,6 +13,7 @@ import time
 
 import pyarrow.parquet as pq
 import pytest
+from conftest import tmpfs
 from test_pipeline import (
     assert_each_input_row_once,
     build_corpus,
@@ -73,7 +74,7 @@ def test_an_unreadable_unit_fails_alone_and_a_later_run_retries_it(corpus, tiny_
     failed = json.loads(subprocess.run([sys.executable, "-m", "po_batch.cli", "status", str(cfg), "--json"],
                                        capture_output=True, text=True, check=True).stdout)
     units = plan_units(out)
-    assert failed["units_failed"] == 1 and f"cannot read unit" in err and "a later run retries this one" in err
+    assert failed["units_failed"] == 1 and "cannot read unit" in err and "a later run retries this one" in err
     assert len(markers(out)) == len(units) - 1 and parts(out) == set(markers(out))  # every other unit committed
     assert claim_files(out) == []
 
@@ -92,15 +93,8 @@ def test_an_unreadable_unit_fails_alone_and_a_later_run_retries_it(corpus, tiny_
 @pytest.fixture
 def small_tmpfs(tmp_path):
     """A real 96 KiB tmpfs: room for the plan and a few parts (4 KiB blocks each), not for all; root only."""
-    if os.geteuid() != 0 or shutil.which("mount") is None:
-        pytest.skip("mounting a tmpfs needs root")
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=96k", "tmpfs", str(mnt)], check=True)
-    try:
+    with tmpfs(tmp_path / "mnt", "96k") as mnt:
         yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=True)
 
 
 def test_a_full_disk_stops_the_run_at_its_first_failed_commit(corpus, tiny_qwen3_vl, tmp_path, small_tmpfs):

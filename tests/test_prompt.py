@@ -99,3 +99,24 @@ def test_a_tokenizer_that_adds_bos_itself_gets_one_bos(tmp_path):
                                        add_generation_prompt=True)
     assert ids.tolist() == tok(rendered, add_special_tokens=False).input_ids
     assert ids.tolist().count(tok.bos_token_id) == 1
+
+
+def test_a_template_that_trims_the_users_text_trims_the_rows_text_too(tmp_path):
+    """Gemma's chat template renders `content | trim`: a row's text with spaces around it must score as
+    transformers scores it, trimmed."""
+    import io
+
+    from rich.console import Console
+
+    from po_batch.verify import verify
+
+    model = build_checkpoint(tmp_path / "gemma", "gemma")
+    cfg = cfg_for(model, tmp_path, {"id": ["a", "b"], "category": ["  cat ", "\n dog\n\n"]}, image=False)
+    cfg = cfg.model_copy(update={"task": cfg.task.model_copy(update={"prompt": "{category}"})})
+    spec = open_spec(cfg, "cpu", "float32", 0)
+    assert spec.template.trim
+    spaced = spec.prep((None, {"id": "a", "category": "  cat "}))
+    plain = spec.prep((None, {"id": "a", "category": "cat"}))
+    assert spaced.input_ids.tolist() == plain.input_ids.tolist()
+    console = Console(file=io.StringIO(), width=200)
+    assert verify(cfg, 2, "cpu", "float32", console) == 0, console.file.getvalue()

@@ -2,7 +2,6 @@
 transformers' own implementation of the same checkpoint (float32, CPU), and verify says so."""
 
 import io
-import json
 
 import numpy as np
 import pyarrow as pa
@@ -18,7 +17,7 @@ from po_batch.spec import open_spec
 from po_batch.tiny import build_checkpoint
 from po_batch.verify import Transformers, first_rows, verify
 
-FAMILIES = ["qwen3_vl", "qwen2_vl", "qwen2_5_vl", "qwen3", "qwen2", "gemma", "gemma2"]
+FAMILIES = ["qwen3_vl", "qwen2_vl", "qwen2_5_vl", "llava_next", "qwen3", "qwen2", "gemma", "gemma2"]
 
 
 def picture(w: int, h: int, seed: int) -> bytes:
@@ -33,7 +32,7 @@ def setup(request, tmp_path_factory):
     family = request.param
     root = tmp_path_factory.mktemp(family)
     ckpt = build_checkpoint(root / "model", family)
-    vision = family.endswith("_vl")
+    vision = family.endswith("_vl") or family == "llava_next"
     n = 7
     table = {"id": [f"r{i}" for i in range(n)], "category": ["cat", "dog", "car", "tree", "house", "boat", "bird"]}
     if vision:

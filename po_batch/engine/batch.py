@@ -35,7 +35,9 @@ class Batch:
     reads: torch.Tensor              # (R,) rows whose hidden state the head reads, in sample order
     targets: torch.Tensor            # (O,) each output's target token, or -1
     pool: Pool | None                # None: the read rows are the outputs
-    visual: torch.Tensor | None      # (n_image_tokens,) rows holding image tokens, in image order
+    visual: torch.Tensor | None      # (V,) rows taking the tower's features, in image order
+    features: torch.Tensor | None    # (V,) the tower output row each takes; None: the outputs in order
+    newlines: torch.Tensor | None    # rows taking the family's separator embedding (Sample.layout's -1)
     patches: torch.Tensor | None     # (n_patches, 3*p*p) uint8
     grids: torch.Tensor | None       # (n_images, 3)
     context: Context
@@ -112,10 +114,12 @@ def pool_plan(samples: list[Sample], device) -> Pool | None:
 
 
 def make_batch(samples: list[Sample], image_token_id: int | None, device: torch.device,
-               window_lens: Callable[[list[tuple[int, int, int]]], list[int] | None] | None = None) -> Batch:
+               attention_lens: Callable[[list[tuple[int, int, int]]], tuple[list[int], list[int] | None]] | None = None
+               ) -> Batch:
     """Concatenate on the host, then one copy per tensor (from pinned memory on CUDA, without blocking).
-    `window_lens` is the family's windowed-attention layout of the images (Qwen2.5-VL), computed here, before the
-    forward, so that no model writes the batch's metadata."""
+    `attention_lens` is the family's layout of the tower's attention over the images: its sequences (an image, or
+    a crop) and windows (Qwen2.5-VL); computed here, before the forward, as is the images' token layout, so that no
+    model writes the batch's metadata."""
     def put(a: np.ndarray, dtype=None) -> torch.Tensor:
         t = torch.from_numpy(a)
         return to_device(t if dtype is None else t.to(dtype), device)
@@ -124,17 +128,25 @@ def make_batch(samples: list[Sample], image_token_id: int | None, device: torch.
     text, last, rows = attention_plan(samples, device)
     ctx = Context(text=text, reads=last)
     images = [s for s in samples if s.patches is not None]
-    visual = patches = grids = None
+    visual = features = newlines = patches = grids = None
     if images:
         grid_list = [s.grid for s in images]
-        ctx.vision = Varlen.from_lens([t * h * w for t, h, w in grid_list], device)
-        windows = window_lens(grid_list) if window_lens else None
+        lens, windows = attention_lens(grid_list)
+        ctx.vision = Varlen.from_lens(lens, device)
         if windows is not None:
             ctx.window = Varlen.from_lens(windows, device)
         patches = put_concat([s.patches for s in images], device)
         grids = put(np.array(grid_list, dtype=np.int64))
-        visual = put(np.flatnonzero(ids == image_token_id))
+        slots = np.flatnonzero(ids == image_token_id)  # every image token, image by image
+        if images[0].layout is None:
+            visual = put(slots)
+        else:
+            starts = np.cumsum([0] + [len(s.patches) for s in images[:-1]])
+            layout = np.concatenate([np.where(s.layout < 0, -1, s.layout + first) for s, first in zip(images, starts)])
+            keep = layout >= 0
+            visual, features, newlines = put(slots[keep]), put(layout[keep].astype(np.int64)), put(slots[~keep])
     return Batch(input_ids=put(ids, torch.long),
                  positions=put(np.concatenate([s.positions for s in samples], 1), torch.long),
                  reads=put(rows), targets=put(np.concatenate([s.targets for s in samples]), torch.long),
-                 pool=pool_plan(samples, device), visual=visual, patches=patches, grids=grids, context=ctx)
+                 pool=pool_plan(samples, device), visual=visual, features=features, newlines=newlines,
+                 patches=patches, grids=grids, context=ctx)

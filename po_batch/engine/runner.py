@@ -27,8 +27,8 @@ class Engine:
         self.dtype = DTYPES[dtype]
         self.batch_tokens = batch_tokens
         self.model = load_model(ckpt, self.dtype, self.device, lm_head=head == "logits")
-        self.image_token_id = ckpt.config.get("image_token_id")
-        self.window_lens = self.model.window_lens if ckpt.is_vision else None
+        self.image_token_id = ckpt.image_token_id
+        self.attention_lens = self.model.attention_lens if ckpt.is_vision else None
         if ckpt.is_vision and pixel_mean is not None:  # (without, the rows are text: the tower never runs)
             self.model.fold_pixels(pixel_mean, pixel_std)
         if head == "logits":
@@ -50,7 +50,7 @@ class Engine:
     @torch.inference_mode()
     def forward(self, samples: list[Sample]) -> torch.Tensor:
         """One packed forward: the readout of the samples' read rows, on the device."""
-        batch = make_batch(samples, self.image_token_id, self.device, self.window_lens)
+        batch = make_batch(samples, self.image_token_id, self.device, self.attention_lens)
         set_context(batch.context)
         hidden = self.model(batch)
         return self.head(hidden if batch.pool is None else batch.pool(hidden), batch.targets)

@@ -42,14 +42,15 @@ GELU_EPILOGUE = True
 class MLP(nn.Module):
     """fc2(act(fc1(x)))."""
 
-    def __init__(self, dim: int, hidden: int, act: str, out: int | None = None):
+    def __init__(self, dim: int, hidden: int, act: str, out: int | None = None, bias: bool = True):
         super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.fc2 = nn.Linear(hidden, out or dim)
+        self.fc1 = nn.Linear(dim, hidden, bias=bias)
+        self.fc2 = nn.Linear(hidden, out or dim, bias=bias)
         self.act = activation(act)
         self.tanh_gelu = act == "gelu_pytorch_tanh"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if GELU_EPILOGUE and self.tanh_gelu and x.is_cuda and x.dim() == 2 and type(self.fc1) is nn.Linear:
+        if GELU_EPILOGUE and self.tanh_gelu and x.is_cuda and x.dim() == 2 and type(self.fc1) is nn.Linear \
+                and self.fc1.bias is not None:
             return self.fc2(torch._addmm_activation(self.fc1.bias, x, self.fc1.weight.t(), use_gelu=True))
         return self.fc2(self.act(self.fc1(x)))

@@ -1,4 +1,5 @@
-"""The Qwen2/Qwen2.5/Qwen3 decoder shared by every family, and the text-only causal LMs built on it.
+"""The Qwen2/Qwen2.5/Qwen3 decoder shared by every family (Llama-style: LLaVA-NeXT's Mistral is it without biases,
+with a sliding window), and the text-only causal LMs built on it.
 
 Prefill only: every layer runs over the packed token stream; the last layer computes queries, the output
 projection and the MLP for the last position of each sequence alone, and the final norm sees only those."""
@@ -39,6 +40,7 @@ class TextConfig:
     tie_word_embeddings: bool
     mrope_section: list[int] | None = None  # None: plain 1-D rope (text-only models)
     mrope_interleaved: bool = False
+    sliding_window: int | None = None       # each query sees only this many keys, its own included (Mistral)
 
     @classmethod
     def from_dict(cls, d: dict, qk_norm: bool, tie: bool) -> "TextConfig":
@@ -100,6 +102,7 @@ class DecoderLayer(nn.Module):
         self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.window = cfg.sliding_window
 
     def attn_in(self, x, cos, sin, reads: torch.Tensor | None = None):
         return self.self_attn.project(self.input_layernorm(x), cos, sin, reads)
@@ -111,7 +114,7 @@ class DecoderLayer(nn.Module):
     def forward(self, x, cos, sin, reads: torch.Tensor | None = None):
         ctx = get_context()
         q, k, v = FUSED.call(self.attn_in, x, cos, sin, reads)
-        o = varlen_attention(q, k, v, ctx.text if reads is None else ctx.reads, causal=True)
+        o = varlen_attention(q, k, v, ctx.text if reads is None else ctx.reads, causal=True, window=self.window)
         return FUSED.call(self.attn_out, x if reads is None else x[reads], o)
 
 

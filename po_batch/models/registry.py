@@ -11,6 +11,7 @@ from po_batch.models.gemma import Gemma
 from po_batch.models.gemma2 import Gemma2
 from po_batch.models.loader import ModelError
 from po_batch.models.jina import JinaRerankerM0, JinaRerankerV3
+from po_batch.models.llava_next import LlavaNext
 from po_batch.models.qwen2_5_vl import Qwen2_5_VL
 from po_batch.models.qwen2_vl import Qwen2VL
 from po_batch.models.qwen3_vl import Qwen3VL
@@ -24,11 +25,13 @@ FAMILIES: dict[str, type[nn.Module]] = {
     "qwen3": QwenTextLM,
     "gemma": Gemma,
     "gemma2": Gemma2,
+    "llava_next": LlavaNext,
 }
 
 # transformers' defaults for keys that published configs omit, where they decide how a checkpoint loads or reads
 CONFIG_DEFAULTS = {"gemma": {"tie_word_embeddings": True},
-                   "gemma2": {"tie_word_embeddings": True, "final_logit_softcapping": 30.0}}
+                   "gemma2": {"tie_word_embeddings": True, "final_logit_softcapping": 30.0},
+                   "llava_next": {"image_token_index": 32000}}
 
 
 # checkpoints whose architecture adds a head to a family's backbone (config.json's architectures[0])
@@ -62,6 +65,11 @@ class Checkpoint:
         return self.config.get("tie_word_embeddings", text.get("tie_word_embeddings", False))
 
     @property
+    def image_token_id(self) -> int | None:
+        """The token that stands for an image's tokens (LLaVA's configs call it image_token_index)."""
+        return next((self.config[k] for k in ("image_token_id", "image_token_index") if k in self.config), None)
+
+    @property
     def logit_softcap(self) -> float | None:
         """c where the LM head's logits are c*tanh(z/c) (Gemma2's final-logit soft-cap), else None."""
         return self.config.get("final_logit_softcapping")
@@ -86,12 +94,14 @@ def open_checkpoint(path: str) -> Checkpoint:
 
 
 def load_model(ckpt: Checkpoint, dtype: torch.dtype, device: torch.device, lm_head: bool = True) -> nn.Module:
-    """`lm_head`: whether anything reads the LM head; without, it is dropped and not read from the checkpoint."""
+    """`lm_head`: whether anything reads the LM head; without, it is dropped and not read from the checkpoint. A
+    model's `unread` patterns name checkpoint tensors it deliberately does not hold (LLaVA-NeXT's tower past the
+    layer it reads)."""
     try:
         model = loader.build(ckpt.family, ckpt.config, dtype, device)
     except (KeyError, ValueError) as e:
         raise ModelError(f"{ckpt.dir}/config.json: {e}") from None
-    unused = []
+    unused = list(model.unread) if hasattr(model, "unread") else []
     if not lm_head:
         if hasattr(model, "lm_head"):
             del model.lm_head

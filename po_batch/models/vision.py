@@ -42,12 +42,15 @@ def patch_coords(grids: torch.Tensor, merge: int, n: int) -> tuple[torch.Tensor,
 
 
 class PatchEmbed(nn.Module):
-    """Conv3d over (temporal, p, p) patches, kept in the checkpoint's shape and applied as one matmul to the uint8
-    pixels, normalised on the device."""
+    """Conv3d over (temporal, p, p) patches (Conv2d over p x p ones without `temporal`: CLIP's), kept in the
+    checkpoint's shape and applied as one matmul to the uint8 pixels, normalised on the device."""
 
-    def __init__(self, channels: int, temporal: int, patch: int, dim: int, bias: bool):
+    def __init__(self, channels: int, temporal: int | None, patch: int, dim: int, bias: bool):
         super().__init__()
-        self.proj = nn.Conv3d(channels, dim, (temporal, patch, patch), (temporal, patch, patch), bias=bias)
+        if temporal is None:
+            self.proj = nn.Conv2d(channels, dim, patch, patch, bias=bias)
+        else:
+            self.proj = nn.Conv3d(channels, dim, (temporal, patch, patch), (temporal, patch, patch), bias=bias)
         self.folded_w: torch.Tensor | None = None
         self.folded_b: torch.Tensor | None = None
         self.pixel_mean: torch.Tensor | None = None
@@ -57,7 +60,8 @@ class PatchEmbed(nn.Module):
         """A still image repeats on the temporal axis, so the kernel sums over it, and the 1/(255 std) scale of the
         normalisation folds into the weights. The mean is subtracted from the pixels instead (folding it into the
         bias would make a large bias cancel a large product, which bfloat16 cannot resolve)."""
-        w = self.proj.weight.float().sum(2)  # (dim, C, p, p)
+        w = self.proj.weight.float()
+        w = w.sum(2) if w.dim() == 5 else w  # (dim, C, p, p)
         std = torch.tensor(std, device=w.device).view(1, -1, 1, 1)
         self.folded_w = (w / (255.0 * std)).flatten(1).to(self.proj.weight.dtype)
         self.folded_b = self.proj.bias
@@ -140,6 +144,10 @@ class VisionLanguageModel(nn.Module):
     def window_lens(self, grids: list[tuple[int, int, int]]) -> list[int] | None:
         """Patches per attention window of the images, for towers that attend within windows (none here)."""
         return None
+
+    def attention_lens(self, grids: list[tuple[int, int, int]]) -> tuple[list[int], list[int] | None]:
+        """The tower's sequences for the images of a batch (each image whole) and its windows, on the host."""
+        return [t * h * w for t, h, w in grids], self.window_lens(grids)
 
     def fold_pixels(self, mean, std) -> None:
         self.model.visual.patch_embed.fold(mean, std)

@@ -1,5 +1,7 @@
-"""Image decode, validation and resize on the CPU (numpy + PIL, no torch): uint8 pixels and the patch grid,
-pixel for pixel what transformers' default Qwen-VL image processor feeds the vision tower."""
+"""Image decode, validation and resize on the CPU (numpy + PIL, no torch), pixel for pixel as transformers' image
+processors decode and resize; and the Qwen-VL image processor (ImageSpec: smart_resize, merge-block patches, M-RoPE
+offsets), what transformers' default Qwen-VL image processor feeds the vision tower. Other families' processors
+build on decode and resize (see prep/families.py)."""
 
 from __future__ import annotations
 
@@ -14,6 +16,9 @@ from functools import lru_cache
 import numpy as np
 from PIL import BmpImagePlugin, GifImagePlugin, Image, ImageOps, JpegImagePlugin, PngImagePlugin  # noqa: F401
 from PIL import TiffImagePlugin, WebPImagePlugin  # noqa: F401  (imported to register only these decoders)
+
+from po_batch.prep.patches import to_patches
+from po_batch.sample import Picture
 
 # the decoders tried, in order; JPEG covers MPO (multi-picture camera JPEGs). A Pillow built without one skips it.
 FORMATS = tuple(f for f in ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF") if f in Image.OPEN)
@@ -54,6 +59,25 @@ class ImageSpec:
     @property
     def factor(self) -> int:
         return self.patch_size * self.merge_size
+
+    def __call__(self, im: Image.Image) -> Picture:
+        """The Qwen-VL image processor: a decoded RGB image at smart_resize's size, cut into patches."""
+        h, w = smart_resize(im.height, im.width, self.factor, self.min_pixels, self.max_pixels)
+        return self.picture(resize(im, h, w))
+
+    def picture(self, pixels: np.ndarray) -> Picture:
+        """Resized (h, w, 3) uint8 pixels -> their patches in merge-block order and the image's M-RoPE offsets:
+        (t, h, w) = (0, row, col) over its grid of merged tokens; the text after it resumes max(rows, cols) ahead,
+        as in Qwen2/2.5/3-VL for a still image."""
+        h, w = pixels.shape[0] // self.patch_size, pixels.shape[1] // self.patch_size
+        gh, gw = h // self.merge_size, w // self.merge_size
+        rows, cols = np.divmod(np.arange(gh * gw, dtype=np.int32), gw)
+        return Picture(to_patches(pixels, self.patch_size, self.merge_size), (1, h, w),
+                       np.stack([np.zeros_like(rows), rows, cols]), max(gh, gw))
+
+    def reference_kwargs(self) -> dict:
+        """What transformers' processor is given to prepare the same pixels (verify): the resolved pixel range."""
+        return {"size": {"shortest_edge": self.min_pixels, "longest_edge": self.max_pixels}}
 
 
 # Qwen2VLImageProcessor's class defaults, used where a preprocessor config leaves a key out

@@ -9,7 +9,8 @@ from dataclasses import dataclass
 import numpy as np
 from tokenizers import Tokenizer
 
-from po_batch.prep.prompt import mrope_positions
+from po_batch.prep.prompt import image_positions
+from po_batch.sample import Picture
 
 Piece = int | str
 
@@ -27,10 +28,10 @@ class Pieces:
     """Picklable: sent to each prep worker with the recipe."""
     tokenizer: Tokenizer          # prompt.text_tokenizer: special tokens in text are text
     image_token_id: int | None
-    merge: int = 2
+    axes: int = 3                 # the recipes' families (Qwen3, Qwen2-VL, Qwen3-VL) number tokens with M-RoPE
 
-    def encode(self, pieces: list[Piece], grid: tuple[int, int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """(ids (L,), M-RoPE positions (3, L)); with `grid`, the one image placeholder becomes the image's tokens."""
+    def encode(self, pieces: list[Piece], picture: Picture | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(ids (L,), positions (axes, L)); with `picture`, the one image placeholder becomes the image's tokens."""
         ids, run = [], []
         for p in [*pieces, None]:
             if isinstance(p, str):
@@ -41,9 +42,9 @@ class Pieces:
                 run = []
             if p is not None:
                 ids.append(p)
-        if grid is None:
-            return np.array(ids, dtype=np.int32), np.broadcast_to(np.arange(len(ids), dtype=np.int32), (3, len(ids)))
+        if picture is None:
+            return np.array(ids, dtype=np.int32), np.broadcast_to(np.arange(len(ids), dtype=np.int32),
+                                                                  (self.axes, len(ids)))
         at = ids.index(self.image_token_id)
-        gh, gw = grid[1] // self.merge, grid[2] // self.merge
-        ids = ids[:at] + [self.image_token_id] * (gh * gw) + ids[at + 1:]
-        return np.array(ids, dtype=np.int32), mrope_positions(len(ids), at, gh, gw)
+        ids = ids[:at] + [self.image_token_id] * picture.tokens + ids[at + 1:]
+        return np.array(ids, dtype=np.int32), image_positions(len(ids), at, picture)

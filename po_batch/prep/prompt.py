@@ -1,12 +1,14 @@
 """Prompt prep: render the checkpoint's chat template once, tokenize its fixed parts once, and per row tokenize
-only the row's text, expand the image placeholder to the image's token count and compute M-RoPE positions."""
+only the row's text, expand the image placeholder to the image's token count and lay out the positions: the text's
+counting up, the image's where its family's processor puts them (prep/families.py)."""
 
 from dataclasses import dataclass
 
 import numpy as np
 from tokenizers import Tokenizer
 
-from po_batch.sample import NO_TARGET, Question
+from po_batch.prep.families import TEXT, FamilyPrep
+from po_batch.sample import NO_TARGET, Picture, Question
 
 SENTINEL = "\x00po-batch-prompt\x00"
 
@@ -23,23 +25,24 @@ class PromptTemplate:
     suffix: list[int]        # from the end of the user's text to the assistant's turn
     after: str               # the suffix as text (labels are tokenized in this context)
     image_token_id: int | None
-    merge: int = 2
+    axes: int                # rows of the positions of a prompt without an image (FamilyPrep.axes)
+    trim: bool = False       # the chat template strips the user's text (Gemma's `| trim`): so does po-batch
 
-    def encode(self, questions: list[Question], fields: dict, grid: tuple[int, int, int] | None = None):
-        """One row as a Sample's token fields: (ids (L,), positions (3, L), segments (S, 3), targets (R,)).
+    def encode(self, questions: list[Question], fields: dict, picture: Picture | None = None):
+        """One row as a Sample's token fields: (ids (L,), positions (axes, L), segments (S, 3), targets (R,)).
         The prefix is shared by the questions; with a single question it is one segment with it."""
         head = self.prefix
-        if grid is not None:
+        if picture is not None:
             at = self.prefix.index(self.image_token_id)
-            gh, gw = grid[1] // self.merge, grid[2] // self.merge
-            head = self.prefix[:at] + [self.image_token_id] * (gh * gw) + self.prefix[at + 1:]
-            head_pos = mrope_positions(len(head), at, gh, gw)
+            head = self.prefix[:at] + [self.image_token_id] * picture.tokens + self.prefix[at + 1:]
+            head_pos = image_positions(len(head), at, picture)
         else:
-            head_pos = np.broadcast_to(np.arange(len(head), dtype=np.int32), (3, len(head)))
+            head_pos = np.broadcast_to(np.arange(len(head), dtype=np.int32), (self.axes, len(head)))
         values = {k: "" if v is None else v for k, v in fields.items()}  # a null renders as empty text
         segs = [(head, head_pos, -1, [])]  # (ids, positions, parent, targets of the rows read: the last ones)
         for q in questions:
-            text = self.tokenizer.encode(q.text.format_map(values), add_special_tokens=False).ids
+            rendered = q.text.format_map(values)
+            text = self.tokenizer.encode(rendered.strip() if self.trim else rendered, add_special_tokens=False).ids
             at = len(segs)
             segs.append(_child(segs, 0, text + self.suffix, [NO_TARGET]))
             segs += [_child(segs, at, list(fed), list(tgt)) for fed, tgt in q.branches]
@@ -54,22 +57,21 @@ class PromptTemplate:
 
 def _child(segs: list, parent: int, ids: list[int], targets: list[int]) -> tuple:
     """A segment under `parent`: its positions continue from the parent's highest (the tree's text runs on)."""
-    start = int(segs[parent][1].max()) + 1 if segs[parent][1].size else 0
-    return ids, np.broadcast_to(np.arange(start, start + len(ids), dtype=np.int32), (3, len(ids))), parent, targets
+    pos = segs[parent][1]
+    start = int(pos.max()) + 1 if pos.size else 0
+    return ids, np.broadcast_to(np.arange(start, start + len(ids), dtype=np.int32), (len(pos), len(ids))), parent, \
+        targets
 
 
-def mrope_positions(length: int, start: int, gh: int, gw: int) -> np.ndarray:
-    """Text before the image counts up; the image's tokens take (t, h, w) = start + (0, row, col); text after
-    resumes at start + max(gh, gw), as in Qwen2/2.5/3-VL for a still image."""
-    pos = np.empty((3, length), dtype=np.int32)
-    pos[:, :start] = np.arange(start, dtype=np.int32)
-    n = gh * gw
-    rows, cols = np.divmod(np.arange(n, dtype=np.int32), gw)
-    pos[0, start:start + n] = start
-    pos[1, start:start + n] = start + rows
-    pos[2, start:start + n] = start + cols
-    tail = length - start - n
-    pos[:, start + n:] = start + max(gh, gw) + np.arange(tail, dtype=np.int32)
+def image_positions(length: int, at: int, picture: Picture) -> np.ndarray:
+    """(axes, length) positions of a prompt whose image's tokens start at `at`: the text before counts up, the
+    image's tokens take at + their offsets, the text after resumes at + advance (Qwen-VL: (t, h, w) = (0, row, col)
+    and max(rows, cols); LLaVA-NeXT: one axis counting on)."""
+    n = picture.tokens
+    pos = np.empty((len(picture.offsets), length), dtype=np.int32)
+    pos[:, :at] = np.arange(at, dtype=np.int32)
+    pos[:, at:at + n] = at + picture.offsets
+    pos[:, at + n:] = at + picture.advance + np.arange(length - at - n, dtype=np.int32)
     return pos
 
 
@@ -81,24 +83,23 @@ def render_chat(tokenizer, content, system: str | None = None) -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, enable_thinking=False)
 
 
-def build_template(tokenizer, image: bool, image_token_id: int | None, merge: int = 2, system: str | None = None,
-                   raw: bool = False) -> PromptTemplate:
+def build_template(tokenizer, image: bool, image_token_id: int | None, family: FamilyPrep = TEXT,
+                   system: str | None = None, raw: bool = False) -> PromptTemplate:
     """`tokenizer` is the checkpoint's transformers tokenizer, with its chat template. `raw`: no chat template,
-    the user's text with the special tokens the tokenizer itself adds (an image first, on a vision model)."""
+    the user's text with the special tokens the tokenizer itself adds (an image first, on a vision model, as
+    `family.placeholder`). A vision family's chat-templated prompt is tokenized as transformers' processors do
+    (ProcessorMixin.apply_chat_template): with the tokenizer's own special tokens unless it begins with BOS (the
+    LLaVA-NeXT Mistral template writes none and its tokenizer adds it); a text model's as its tokenizer's
+    apply_chat_template does, without."""
     backend = tokenizer.backend_tokenizer
     enc = lambda s: backend.encode(s, add_special_tokens=False).ids  # noqa: E731
     probe = "Probe text, with  spaces."
     if raw:
-        whole, body = backend.encode(probe).ids, enc(probe)
-        at = next((i for i in range(len(whole) - len(body) + 1) if whole[i:i + len(body)] == body), None)
-        if at is None:
-            raise PromptError("the tokenizer's own special tokens change the user's text's tokens (template: raw)")
-        prefix, suffix = whole[:at], whole[at + len(body):]
-        if image:
-            vision = tokenizer.convert_tokens_to_ids(["<|vision_start|>", "<|vision_end|>"])
-            prefix = prefix + [vision[0], image_token_id, vision[1]]
-        after = backend.decode(suffix, skip_special_tokens=False)
-        return PromptTemplate(text_tokenizer(backend), prefix, suffix, after, image_token_id if image else None, merge)
+        lead, trail = added_tokens(backend, probe, "template: raw")
+        prefix = lead + (enc(family.placeholder) if image else [])
+        after = backend.decode(trail, skip_special_tokens=False)
+        return PromptTemplate(text_tokenizer(backend), prefix, trail, after, image_token_id if image else None,
+                              family.axes)
 
     def render(text: str) -> str:
         return render_chat(tokenizer, [{"type": "image"}, {"type": "text", "text": text}] if image else text, system)
@@ -112,15 +113,37 @@ def build_template(tokenizer, image: bool, image_token_id: int | None, merge: in
     before, after = rendered.split(SENTINEL)
     if render(probe) != before + probe + after:
         raise PromptError("the chat template rewrites the user's text; po-batch cannot reuse its rendering")
+    padded = f"  {probe}\n"
+    trim = render(padded) == before + probe + after
+    if not trim and render(padded) != before + padded + after:
+        raise PromptError("the chat template rewrites the whitespace around the user's text; po-batch cannot "
+                          "reuse its rendering")
     prefix, suffix = enc(before), enc(after)
+    special = family.processor is not None and not (tokenizer.bos_token and before.startswith(tokenizer.bos_token))
+    if special:
+        lead, trail = added_tokens(backend, probe, "a vision model's chat template")
+        if trail:
+            raise PromptError("the tokenizer adds tokens after the text (an EOS), which would follow the assistant's "
+                              "header; po-batch cannot score such a prompt")
+        prefix = lead + prefix
     if image and prefix.count(image_token_id) != 1:
         raise PromptError(f"the chat template renders {prefix.count(image_token_id)} image placeholders "
                           f"(token id {image_token_id}); expected exactly one")
-    # the rendered template holds every token the model wants: a tokenizer that adds its own (Gemma's BOS) must
-    # not add them again, as apply_chat_template does not
-    if tokenizer(before + probe + after, add_special_tokens=False).input_ids != prefix + enc(probe) + suffix:
+    # without `special`, the rendered template holds every token the model wants: a tokenizer that adds its own
+    # (Gemma's BOS) must not add them again, as apply_chat_template does not
+    if tokenizer(before + probe + after, add_special_tokens=special).input_ids != prefix + enc(probe) + suffix:
         raise PromptError("tokenizing the prompt's parts separately differs from tokenizing it whole")
-    return PromptTemplate(text_tokenizer(backend), prefix, suffix, after, image_token_id if image else None, merge)
+    return PromptTemplate(text_tokenizer(backend), prefix, suffix, after, image_token_id if image else None,
+                          family.axes, trim)
+
+
+def added_tokens(backend, probe: str, where: str) -> tuple[list[int], list[int]]:
+    """The tokens the tokenizer itself adds before and after any text (a BOS, an EOS)."""
+    whole, body = backend.encode(probe).ids, backend.encode(probe, add_special_tokens=False).ids
+    at = next((i for i in range(len(whole) - len(body) + 1) if whole[i:i + len(body)] == body), None)
+    if at is None:
+        raise PromptError(f"the tokenizer's own special tokens change the user's text's tokens ({where})")
+    return whole[:at], whole[at + len(body):]
 
 
 def text_tokenizer(backend) -> Tokenizer:

@@ -28,8 +28,8 @@ class EmbedPrompt:
     def fixed(self) -> list:
         return [self.template.prefix, self.template.suffix]
 
-    def encode(self, fields: dict, grid) -> dict:
-        ids, positions, segments, targets = self.template.encode([self.question], fields, grid)
+    def encode(self, fields: dict, picture) -> dict:
+        ids, positions, segments, targets = self.template.encode([self.question], fields, picture)
         out = {"input_ids": ids, "positions": positions, "segments": segments, "targets": targets}
         if self.pooling == "last":
             return out

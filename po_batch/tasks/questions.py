@@ -24,8 +24,8 @@ class TemplatePrompt:
     def fixed(self) -> list:
         return [self.template.prefix, self.template.suffix]
 
-    def encode(self, fields: dict, grid) -> dict:
-        ids, positions, segments, targets = self.template.encode(self.questions, fields, grid)
+    def encode(self, fields: dict, picture) -> dict:
+        ids, positions, segments, targets = self.template.encode(self.questions, fields, picture)
         return {"input_ids": ids, "positions": positions, "segments": segments, "targets": targets}
 
 

@@ -104,11 +104,11 @@ class Qwen3:
     def group(self, fields: dict):
         return None
 
-    def encode(self, fields: dict, grid) -> dict:
+    def encode(self, fields: dict, picture) -> dict:
         pieces = list(self.parts[0])
         for template, part in zip(self.templates, self.parts[1:]):
             pieces += [_fmt(template, fields), *part]
-        return _one_row(*self.pieces.encode(pieces, grid))
+        return _one_row(*self.pieces.encode(pieces, picture))
 
     def raw(self, reads: Reads) -> np.ndarray:
         return reads.cand[:, 0]
@@ -157,8 +157,8 @@ class JinaM0:
             return [f"**Document**:\n{_fmt(self.document, fields)}\n**Query**:\n{q}"]
         return ["**Document**:\n", *image, f"\n**Query**:\n{q}"]
 
-    def encode(self, fields: dict, grid) -> dict:
-        return _one_row(*self.pieces.encode([*self.prompt(fields, self.vision), M0_SCORE_TOKEN], grid))
+    def encode(self, fields: dict, picture) -> dict:
+        return _one_row(*self.pieces.encode([*self.prompt(fields, self.vision), M0_SCORE_TOKEN], picture))
 
     def raw(self, reads: Reads) -> np.ndarray:
         return reads.values[:, 0, :1]
@@ -222,7 +222,7 @@ class JinaV3:
             text = "\n</passage>\n"
         return pieces + [text + f"<query>\n{q}", query]
 
-    def encode(self, rows: list[dict], grid) -> dict:
+    def encode(self, rows: list[dict], picture) -> dict:
         ids, positions = self.pieces.encode(self.prompt(rows, self.prefix, self.doc_id, self.query_id))
         docs, (query,) = np.flatnonzero(ids == self.doc_id), np.flatnonzero(ids == self.query_id)
         n = len(rows)
