@@ -73,7 +73,8 @@ def test_appends_of_several_processes_read_back_as_one_object(s3, bucket):
             store.append("_po_batch/done.idx", f"{k}:{i}\n".encode())
     lines = stores[0].read("_po_batch/done.idx").decode().splitlines()
     assert sorted(lines) == sorted(f"{k}:{i}" for k in range(3) for i in range(4))
-    assert all(n.startswith("done.idx~") for n in stores[0].names("_po_batch"))
+    assert stores[0].names("_po_batch") == ["done.idx.segments"]
+    assert len(stores[0].names("_po_batch/done.idx.segments")) == 3
     with pytest.raises(FileNotFoundError):
         stores[0].read("_po_batch/other")
 
@@ -212,7 +213,7 @@ class S3Reader(threading.Thread):
 
 @pytest.mark.slow
 def test_parquet_on_s3_resumed_after_sigkill_writes_each_row_once_and_a_reader_sees_only_whole_parts(
-        s3, bucket, tiny_qwen3_vl, tmp_path):
+        s3, bucket, tiny_qwen3_vl, tmp_path, po_batch_cli):
     rows = build_corpus(tmp_path / "corpus")
     upload(s3, tmp_path / "corpus" / "data", f"{bucket}/in")
     out = f"{bucket}/out"
@@ -251,6 +252,8 @@ def test_parquet_on_s3_resumed_after_sigkill_writes_each_row_once_and_a_reader_s
     got = {r["id"]: r["error"] for r in table.to_pylist()}
     assert {k: e and e.split(":")[0] for k, e in got.items()} == {k: w["kind"] for k, w in rows.items()}
     assert f"s3://{bucket}/in/sub/imgs/nope.jpg" in got["c-009"]  # a relative path resolved against the S3 file
+    st = json.loads(po_batch_cli("status", f"s3://{out}", "--json", timeout=60).stdout)
+    assert (st["state"], st["rows_done"], st["units_done"]) == ("done", len(rows), len(units))
 
 
 @pytest.mark.slow

@@ -80,7 +80,8 @@ def test_every_key_is_one_row_and_what_is_wrong_with_it_is_its_error(tmp_path):
     assert got["a2"]["image"] is None and got["a2"]["txt"] == "text only"
     assert got["a2"]["error"] == "missing: sample a2 has no image member (.jpeg/.jpg/.png/.webp); it has .json, .txt"
     assert got["a3"]["error"].startswith("corrupt: a3.json is not valid JSON")
-    assert got["a4"]["error"] == "split_key: the members of key a4 are not adjacent in s.tar (.json come after other keys)"
+    assert got["a4"]["error"] == ("split_key: the members of key a4 are not adjacent in s.tar (.json come after other "
+                                  "keys)")
     assert got["a5"]["error"].startswith("duplicate_key: key a5 appears more than once in s.tar")
     assert got["a6"]["error"].startswith("ambiguous: sample a6 has several image members (.jpg, .png)")
     assert (got["a7"]["image"], got["a7"]["txt"], got["a7"]["error"]) == (b"A7", "héllo", None)

@@ -29,6 +29,7 @@ CONDITIONAL = ("s3", "s3a")  # fsspec protocols whose conditional PUTs po-batch 
 # against the taker's: clocks must agree within that
 LOCK_TTL_S = 60.0
 LOCK_BEAT_S = 10.0
+SEGMENTS = ".segments"  # the folder of an appended object's segments, one per process
 
 
 def _refused(e: OSError) -> bool:
@@ -119,22 +120,18 @@ class FsspecStore(Store):
         try:
             return self.fs.cat_file(self._path(name))
         except FileNotFoundError:
-            segments = self._segments(name)
-            if not segments:
+            segments = sorted(self.names(f"{name}{SEGMENTS}"))  # a missing object costs a listing of a folder
+            if not segments:                                       # that is small or absent
                 raise
-        return b"".join(self.fs.cat_file(self._path(s)) for s in segments)
-
-    def _segments(self, name: str) -> list[str]:
-        folder, _, base = name.rpartition("/")
-        return sorted(f"{folder}/{n}" if folder else n for n in self.names(folder) if n.startswith(f"{base}~"))
+        return b"".join(self.fs.cat_file(self._path(f"{name}{SEGMENTS}/{s}")) for s in segments)
 
     def append(self, name: str, data: bytes) -> None:
-        """An object store has no append: each process writes its own segment of the object (`name~<id>`), whole,
-        and `read` joins the segments. A segment grows with one process's appends only."""
+        """An object store has no append: each process writes its own segment of the object
+        (`name.segments/<id>`), whole, and `read` joins the segments. A segment grows with one process's appends."""
         with self.append_lock:
             buf = self.appended.setdefault(name, bytearray())
             buf += data
-            self.put(f"{name}~{self.sid}", bytes(buf))
+            self.put(f"{name}{SEGMENTS}/{self.sid}", bytes(buf))
 
     def names(self, folder: str) -> list[str]:
         try:

@@ -358,7 +358,8 @@ class _ShardRead:
             errors = {i: e for i, e in self.errors.items() if final or i < self.handed}
             for i in errors:
                 del self.errors[i]
-            cols = {KEY: [r[0] for r in rows]} | {c: [r[2].get(c) for r in rows] for c in self.reader.columns.passthrough}
+            cols = {KEY: [r[0] for r in rows]}
+            cols |= {c: [r[2].get(c) for r in rows] for c in self.reader.columns.passthrough}
             yield Batch(pa.RecordBatch.from_pydict(cols, schema=self.reader.schema), [r[1] for r in rows], errors,
                         dict(self.notes) if final else {})
 
