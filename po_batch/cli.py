@@ -147,16 +147,17 @@ def slurm(config: ConfigArg,
 
 
 @app.command()
-def status(target: Annotated[Path, typer.Argument(help="A config.yaml or an output directory.", show_default=False)],
+def status(target: Annotated[str, typer.Argument(help="A config.yaml, an output directory or an output URL (s3://...).",
+                                                show_default=False)],
            as_json: Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")] = False):
     """Running or stopped; units done/claimed/failed/pending, rows, errors, rate and ETA: from the files alone."""
     from po_batch.data.errors import PlanError
     from po_batch.data.status import read_status
     from po_batch.data.store import open_store
 
-    out, ttl = str(target), 300.0
-    if target.is_file():
-        cfg = _config(target)
+    out, ttl = target, 300.0
+    if "://" not in target and Path(target).is_file():
+        cfg = _config(Path(target))
         out, ttl = cfg.output.path, cfg.run.claim_ttl_s
     try:
         st = read_status(open_store(out), ttl)

@@ -128,11 +128,21 @@ class ModelConfig(_Section):
         return v
 
 
+WDS_KEY = "__key__"  # a WebDataset sample's id, as webdataset names it
+_SHARD = (".tar", ".tar.gz", ".tgz")
+
+
 class InputConfig(_Section):
     paths: Annotated[list[NonEmptyStr], Field(min_length=1)]
-    id_column: NonEmptyStr = "id"
-    image_column: NonEmptyStr | None = "image"
+    # null: by the paths' extensions (.tar shards are webdataset, anything else parquet)
+    format: Literal["parquet", "webdataset"] | None = None
+    id_column: NonEmptyStr | None = None  # null: "id" for parquet, and a WebDataset's id is always __key__
+    image_column: NonEmptyStr | None = "image"  # webdataset: any name means "read the image member", null none
     columns: list[NonEmptyStr] = []
+    # webdataset only: the member extensions that hold the image; skip img2dataset's failed downloads instead of
+    # writing them as error rows
+    image_extensions: Annotated[list[NonEmptyStr], Field(min_length=1)] = ["jpg", "jpeg", "png", "webp"]
+    skip_failed: bool = False
 
     @field_validator("paths", mode="before")
     @classmethod
@@ -143,6 +153,29 @@ class InputConfig(_Section):
     @classmethod
     def _resolve(cls, v: list[str], info: ValidationInfo) -> list[str]:
         return [_local(p, _base(info)) for p in v]
+
+    @field_validator("image_extensions")
+    @classmethod
+    def _extensions(cls, v: list[str]) -> list[str]:
+        return [e.removeprefix(".").lower() for e in v]
+
+    @model_validator(mode="after")
+    def _format(self) -> InputConfig:
+        if self.format is None:
+            shards = [p.lower().rstrip("/").endswith(_SHARD) for p in self.paths]
+            if any(shards) and not all(shards):
+                raise _FieldError("paths", "mixes .tar shards and other inputs; one format per run (set "
+                                           "input.format to read them all as one)")
+            self.format = "webdataset" if all(shards) else "parquet"
+        if self.format == "webdataset":
+            if self.id_column not in (None, WDS_KEY):
+                raise _FieldError("id_column", f"a WebDataset sample's id is its {WDS_KEY}; leave id_column out")
+            self.id_column = WDS_KEY
+        else:
+            for key in sorted({"image_extensions", "skip_failed"} & self.model_fields_set):
+                raise _FieldError(key, "applies to webdataset inputs only")
+            self.id_column = self.id_column or "id"
+        return self
 
     @model_validator(mode="after")
     def _check(self) -> InputConfig:
@@ -582,11 +615,15 @@ def results_fingerprint(cfg: Config) -> dict:
     """The config's part of the fingerprint (everything in it that changes results), as flat dotted keys with
     JSON values. Paths, batch size, workers and device are left out: a resume may move the data or run on another
     node. The resolved spec adds what the checkpoint decides (spec.py)."""
+    inp = cfg.input
+    # WebDataset's keys are listed only for it: outputs of Parquet planned before they existed resume
+    wds = {"input.format": inp.format, "input.image_extensions": list(inp.image_extensions),
+           "input.skip_failed": inp.skip_failed} if inp.format == "webdataset" else {}
     return {"model.quantization": cfg.model.quantization,
             **_flat(_without_default_options(cfg.task.model_dump()), "task."),
-            "input.id_column": cfg.input.id_column,
-            "input.image_column": cfg.input.image_column,
-            "input.columns": list(cfg.input.columns)}
+            "input.id_column": inp.id_column,
+            "input.image_column": inp.image_column,
+            "input.columns": list(inp.columns), **wds}
 
 
 def _without_default_options(d: dict) -> dict:

@@ -11,8 +11,9 @@ from rich.console import Console
 from rich.table import Table
 
 from po_batch.config import Config, ConfigError
-from po_batch.data.parquet import read_unit, resolve_path
-from po_batch.data.plan import Unit, cut_units, list_inputs
+from po_batch.data.plan import units_of
+from po_batch.data.readers import open_reader
+from po_batch.data.readers.listing import list_inputs
 from po_batch.models import loader
 from po_batch.prep.families import family_prep
 from po_batch.prep.image import decode, read_path
@@ -22,17 +23,16 @@ from po_batch.spec import Spec, open_spec
 
 
 def first_rows(cfg: Config, n: int) -> list[tuple[object, dict]]:
-    inp = cfg.input
-    columns = [inp.id_column, *inp.columns] + ([inp.image_column] if inp.image_column else [])
+    """The first n rows of the inputs, through their reader: (image, fields)."""
+    reader = open_reader(cfg.input)
     rows = []
-    for file in list_inputs(cfg.input.paths):
-        for start, stop in cut_units(file, n):
-            for batch in read_unit(Unit("verify", file, start, stop), columns):
-                for r in batch.to_pylist():
-                    image = r.pop(inp.image_column) if inp.image_column else None
-                    rows.append((resolve_path(image, file) if isinstance(image, str) else image, r))
-                    if len(rows) == n:
-                        return rows
+    for file in list_inputs(cfg.input.paths, extensions=reader.extensions):
+        entry, _ = reader.describe(file, n)
+        for unit in units_of(entry, 0):
+            for batch in reader.read(unit, entry):
+                rows += zip(batch.images, batch.table.to_pylist())
+                if len(rows) >= n:
+                    return rows[:n]
     return rows
 
 

@@ -22,10 +22,11 @@ import pyarrow as pa
 
 from po_batch.config import Config, ConfigError, resolved_device, resolved_dtype, workers_count
 from po_batch.data.claims import Claims, claim_states, default_owner, drop_done_claims
-from po_batch.data.parquet import UnitReadError, check_unique_ids, read_unit, resolve_path
 from po_batch.data.markers import scan
 from po_batch.data.plan import Plan, PlanError, Unit, load_or_create_plan
-from po_batch.data.schema import Columns
+from po_batch.data.readers import open_reader
+from po_batch.data.readers.base import ReadError, UnitReadError
+from po_batch.data.readers.parquet import check_unique_ids
 from po_batch.data.sink import LostUnit, Sink, clean_orphans
 from po_batch.data.store import Store, open_store
 from po_batch.data.workers import prune_records, write_record
@@ -73,6 +74,8 @@ class UnitState:
     kinds: collections.Counter = field(default_factory=collections.Counter)
     left: int = 0
     failed: str | None = None  # why the unit could not be read: its rows in flight are dropped, nothing commits
+    read_errors: dict[int, ReadError] = field(default_factory=dict)  # rows the reader found bad: they win at commit
+    notes: dict = field(default_factory=dict)  # the reader's, for the unit's marker (a truncated shard)
 
     def __post_init__(self):
         self.readout = np.full((self.unit.rows, *self.readout_shape), np.nan, dtype=np.float32)
@@ -97,6 +100,7 @@ class Runner:
                  slot: Slot | None = None):
         self.cfg, self.spec, self.engine, self.plan, self.shard = spec.cfg, spec, engine, plan, shard
         self.store, self.slot = store, slot or Slot()
+        self.reader = open_reader(self.cfg.input)
         self.owner = default_owner()
         self.claims = None if shard else Claims(store, self.owner, plan.epoch, self.cfg.run.claim_ttl_s)
         self.sink = Sink(store, plan, self.claims)
@@ -134,8 +138,7 @@ class Runner:
 
     def rows(self):
         """(key, (image, fields)) for every row of every unit this worker claims, claiming lazily."""
-        inp = self.cfg.input
-        columns = [inp.id_column, *inp.columns] + ([inp.image_column] if inp.image_column else [])
+        id_column = self.reader.columns.id
         for unit in self.passes():
             if self.stopping:
                 return
@@ -146,19 +149,16 @@ class Runner:
                 self.claims and self.claims.release(unit.id)
                 continue
             st = UnitState(unit, time.time(), (self.spec.tasks.reads, self.spec.tasks.width))
-            ids = []  # the rows read so far: a read error after the last one fails nothing
+            ids = set()  # the rows read so far: a read error after the last one fails nothing
             try:
-                for batch in read_unit(unit, columns):
-                    st.pieces.append(batch.select([inp.id_column, *inp.columns]))
-                    ids.extend(batch.column(inp.id_column).to_pylist())
-                    check_unique_ids(ids, unit, inp.id_column)
-                    fields = {c: batch.column(c).to_pylist() for c in [inp.id_column, *inp.columns]}
-                    images = (batch.column(inp.image_column).to_pylist() if inp.image_column
-                              else [None] * batch.num_rows)
-                    base = len(ids) - batch.num_rows
-                    for j, image in enumerate(images):
-                        if isinstance(image, str):
-                            image = resolve_path(image, unit.file)
+                for batch in self.reader.read(unit, self.plan.files[unit.file]):
+                    st.pieces.append(batch.table)
+                    st.read_errors |= batch.errors
+                    st.notes |= batch.notes
+                    fields = {c: batch.table.column(c).to_pylist() for c in batch.table.column_names}
+                    check_unique_ids(fields[id_column], unit, id_column, ids)
+                    base = len(ids) - batch.table.num_rows
+                    for j, image in enumerate(batch.images):
                         yield (st, base + j), (image, {c: v[j] for c, v in fields.items()})
             except UnitReadError as e:
                 if len(ids) < unit.rows:
@@ -268,6 +268,12 @@ class Runner:
         progress.advance(len(done), errors)
 
     def commit(self, st: UnitState) -> None:
+        for i, e in st.read_errors.items():
+            if st.errors[i] is not None:
+                st.kinds[st.errors[i].split(":", 1)[0]] -= 1
+            st.errors[i] = str(e)
+            st.kinds[e.kind] += 1
+        st.kinds = +st.kinds
         table = pa.Table.from_batches(st.pieces) if st.pieces else None
         failed = np.array([e is not None for e in st.errors])
         for name, values in self.spec.tasks.columns(st.readout, failed).items():
@@ -276,7 +282,8 @@ class Runner:
         try:
             self.sink.commit(st.unit.id, table, {
                 "rows": st.unit.rows, "errors": int(failed.sum()), "error_kinds": dict(st.kinds),
-                "started_at": st.started_at, "finished_at": time.time(), "owner": self.owner})
+                "started_at": st.started_at, "finished_at": time.time(), "owner": self.owner,
+                **({"notes": st.notes} if st.notes else {})})
         except LostUnit as e:
             print(f"po-batch: {e}", file=sys.stderr, flush=True)
             if e.reason == "epoch":
@@ -360,8 +367,9 @@ def work_left(cfg: Config, store: Store, plan: Plan, shard: tuple[int, int] | No
 def open_output(cfg: Config, spec: Spec, restart: bool) -> tuple[Store, Plan]:
     """Plan or resume the output (safe between processes: the plan lock), and clear what crashed workers left."""
     store = open_store(cfg.output.path)
-    columns = Columns(cfg.input.id_column, cfg.input.image_column, tuple(cfg.input.columns))
-    plan = load_or_create_plan(store, cfg.input.paths, cfg.run.rows_per_unit, spec.fingerprint(), restart, columns)
+    reader = open_reader(cfg.input)
+    plan = load_or_create_plan(store, cfg.input.paths, cfg.run.rows_per_unit, spec.fingerprint(), restart,
+                               reader.columns, reader)
     clean_orphans(store)
     drop_done_claims(store, plan.epoch)
     prune_records(store, plan.epoch)

@@ -10,8 +10,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from po_batch.data.parquet import UnitReadError, check_unique_ids, read_unit, resolve_path
-from po_batch.data.plan import PlanError, Unit, cut_units, list_inputs, load_or_create_plan
+from po_batch.data.plan import PlanError, Unit, load_or_create_plan
+from po_batch.data.readers.base import UnitReadError
+from po_batch.data.readers.listing import list_inputs
+from po_batch.data.readers.parquet import check_unique_ids, cut_units, read_unit, resolve_path
 from po_batch.data.sink import Sink
 from po_batch.data.store import LocalStore
 

@@ -8,7 +8,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 
-from po_batch.data.parquet import read_unit
+from po_batch.data.readers.parquet import read_unit
 from po_batch.data.plan import PlanError, load_or_create_plan
 from po_batch.data.schema import Columns, unify
 from po_batch.data.sink import Sink

@@ -21,7 +21,7 @@ from PIL import Image, ImageOps
 from rich.console import Console
 from safetensors.torch import load_file, save_file
 
-from po_batch import pipeline
+from po_batch import worker
 from po_batch.config import ConfigError, config_from_dict
 from po_batch.engine.batch import pack
 from po_batch.engine.runner import Engine
@@ -254,10 +254,10 @@ def test_run_in_worker_processes_equals_run_in_process_and_verify_agrees(tiny, t
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
     cfg = corpus(tmp_path / "a", model_dir)
-    assert pipeline.run(cfg) == 0
+    assert worker.run(cfg) == 0
     pooled = corpus(tmp_path / "b", model_dir)
     pooled = pooled.model_copy(update={"run": pooled.run.model_copy(update={"workers": 2})})
-    assert pipeline.run(pooled) == 0
+    assert worker.run(pooled) == 0
     a, b = (ds.dataset(c.output.path).to_table().sort_by("id").to_pylist() for c in (cfg, pooled))
     assert a[3]["error"].startswith("not_image") and all(r["error"] is None for r in a[:3] + a[4:])
     for x, y in zip(a, b):

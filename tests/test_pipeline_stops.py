@@ -31,7 +31,8 @@ from test_pipeline import (
 )
 
 from po_batch.data.plan import Unit
-from po_batch.data.parquet import UnitReadError, read_unit
+from po_batch.data.readers.base import UnitReadError
+from po_batch.data.readers.parquet import read_unit
 
 pytestmark = pytest.mark.slow
 

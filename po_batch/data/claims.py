@@ -4,6 +4,10 @@ claims not refreshed within ttl expire.
 Claims avoid duplicate work, and the sink commits a unit only while its worker still holds the claim, so a worker
 suspended past the ttl cannot commit over the worker that took its unit over. Exactly-once output itself comes
 from the sink's deterministic part names.
+
+A heartbeat touches the claim; on an object store, whose version is the hash of the bytes, it rewrites the claim
+with its lease time inside, conditional on the version it read, so that a takeover decided on the old version
+fails (Store.lease_in_object). Claims need exclusive create: a store without it refuses them (use --shard).
 """
 
 import json
@@ -14,6 +18,7 @@ import threading
 import time
 from functools import cache
 
+from po_batch.data.errors import PlanError
 from po_batch.data.layout import CLAIMS_DIR, claim_name
 from po_batch.data.markers import is_done
 from po_batch.data.store import Entry, Store
@@ -91,8 +96,10 @@ def claim_state(raw: bytes, entry: Entry, epoch: str, ttl_s: float, now: float) 
 
 class Claims:
     def __init__(self, store: Store, owner: str, epoch: str, ttl_s: float = 300.0):
+        if not store.conditional:
+            raise PlanError(f"output {store.root}: this store has no exclusive create, which claims need; run the "
+                            "workers with --shard I/N")
         self.store, self.owner, self.epoch, self.ttl_s = store, owner, epoch, ttl_s
-        self._doc = json.dumps({"owner": owner, "epoch": epoch}, separators=(",", ":")).encode()
         self._held: set[str] = set()
         self._lock = threading.Lock()  # _held is shared with the heartbeat thread
         self._stop: threading.Event | None = None
@@ -103,9 +110,22 @@ class Claims:
             self._held.add(unit_id)
         return True
 
+    def _doc(self) -> bytes:
+        doc = {"owner": self.owner, "epoch": self.epoch}
+        if self.store.lease_in_object:
+            doc["lease"] = time.time()
+        return json.dumps(doc, separators=(",", ":")).encode()
+
+    def _mine(self, raw: bytes) -> bool:
+        try:
+            doc = json.loads(raw)
+            return (doc["owner"], doc["epoch"]) == (self.owner, self.epoch)
+        except (ValueError, TypeError, KeyError):
+            return False
+
     def try_claim(self, unit_id: str) -> bool:
         name = claim_name(unit_id)
-        if self.store.create(name, self._doc):
+        if self.store.create(name, self._doc()):
             return self._hold(unit_id)
         entry = self.store.stat(name)
         if entry is None:  # released or taken over meanwhile: not ours to grab now
@@ -117,12 +137,12 @@ class Claims:
         # replace_if fails if the claim changed since the stat (a heartbeat, another takeover)
         if claim_state(raw, entry, self.epoch, self.ttl_s, time.time()) == "live":
             return False
-        return self.store.replace_if(name, entry.version, self._doc) and self._hold(unit_id)
+        return self.store.replace_if(name, entry.version, self._doc()) and self._hold(unit_id)
 
     def holds(self, unit_id: str) -> bool:
         """Whether the claim file still names this owner and epoch (false once another worker took it over)."""
         try:
-            return self.store.read(claim_name(unit_id)) == self._doc
+            return self._mine(self.store.read(claim_name(unit_id)))
         except FileNotFoundError:
             return False
 
@@ -130,8 +150,15 @@ class Claims:
         with self._lock:
             held = list(self._held)
         for unit_id in held:
-            if self.holds(unit_id):
-                self.store.touch(claim_name(unit_id))
+            name = claim_name(unit_id)
+            if not self.store.lease_in_object:
+                if self.holds(unit_id):
+                    self.store.touch(name)
+                continue
+            # stat before reading: if the claim changes after the stat, the conditional rewrite fails
+            entry = self.store.stat(name)
+            if entry is not None and self.holds(unit_id):
+                self.store.replace_if(name, entry.version, self._doc())
 
     def release(self, unit_id: str) -> None:
         with self._lock:

@@ -15,26 +15,16 @@ from itertools import pairwise
 import pyarrow as pa
 
 from po_batch.data.errors import PlanError
-from po_batch.data.inputs import changed, cut_units, list_inputs, ranges, read_identity
 from po_batch.data.layout import DONE_DIR, LOCK, PLAN, STATE_DIR
 from po_batch.data.planfile import PLAN_VERSION, read_plan_doc
+from po_batch.data.readers.base import Reader, Unit
+from po_batch.data.readers.listing import list_inputs
+from po_batch.data.readers.parquet import ParquetReader
 from po_batch.data.schema import Columns, check_columns, decode, encode, unify
 from po_batch.data.store import Store
 
-# also reached through this module: PlanError (the CLI), cut_units and list_inputs (verify.py), read_plan_doc
-__all__ = ["PlanError", "Plan", "Unit", "cut_units", "list_inputs", "load_or_create_plan", "read_plan_doc"]
-
-
-@dataclass(frozen=True)
-class Unit:
-    id: str
-    file: str
-    row_start: int
-    row_stop: int  # exclusive
-
-    @property
-    def rows(self) -> int:
-        return self.row_stop - self.row_start
+# also reached through this module: PlanError (the CLI), Unit, read_plan_doc
+__all__ = ["PlanError", "Plan", "Unit", "load_or_create_plan", "read_plan_doc", "units_of"]
 
 
 @dataclass
@@ -44,6 +34,7 @@ class Plan:
     epoch: str
     schema: pa.Schema | None  # of the output's id and passthrough columns; None when planned without Columns
     unreadable: dict[str, str]  # input file -> why it could not be planned; tried again at each load
+    files: dict[str, dict]  # input file -> its plan entry, which its reader reads units with
 
 
 def unit_id(file_index: int, row_start: int) -> str:
@@ -96,24 +87,26 @@ def _committed(store: Store) -> bool:
     return any(not n.startswith(".") for n in store.names(DONE_DIR))
 
 
+def units_of(entry: dict, file_index: int | None = None) -> list[Unit]:
+    """A file's units, from its plan entry's boundaries."""
+    index = entry["index"] if file_index is None else file_index
+    return [Unit(unit_id(index, a), entry["path"], a, b) for a, b in pairwise(entry["cuts"])]
+
+
 def plan_from_doc(doc: dict) -> Plan:
-    units = [Unit(unit_id(f["index"], a), f["path"], a, b) for f in doc["files"] for a, b in pairwise(f["cuts"])]
+    units = [u for f in doc["files"] for u in units_of(f)]
     unreadable = {f["path"]: f["error"] for f in doc["files"] if "error" in f}
     schema = decode(doc["schema"]) if doc["schema"] else None
-    return Plan(units, doc["fingerprint"], doc["epoch"], schema, unreadable)
+    return Plan(units, doc["fingerprint"], doc["epoch"], schema, unreadable, {f["path"]: f for f in doc["files"]})
 
 
-def _describe(path: str, rows_per_unit: int) -> tuple[dict, pa.Schema | None]:
+def _describe(reader: Reader, path: str, rows_per_unit: int) -> tuple[dict, pa.Schema | None]:
     """A file's plan entry and its schema; a file that cannot be read is planned with its error and no units,
     so that it does not hold up the others."""
     try:
-        ident, sizes, schema = read_identity(path)
+        return reader.describe(path, rows_per_unit)
     except PlanError as e:
         return {"path": path, "error": str(e), "cuts": []}, None
-    # a file's units are contiguous: their boundaries are the plan's smallest form (plan.json is read by every
-    # status and every worker, at 100k units too)
-    cuts = [a for a, _ in ranges(sizes, rows_per_unit)] + [ident["rows"]] if ident["rows"] else []
-    return {"path": path, **ident, "cuts": cuts}, schema
 
 
 def _map(fn, items: list) -> list:
@@ -123,18 +116,20 @@ def _map(fn, items: list) -> list:
 
 
 def load_or_create_plan(store: Store, input_paths: list[str], rows_per_unit: int, fingerprint: dict,
-                        restart: bool = False, columns: Columns | None = None) -> Plan:
+                        restart: bool = False, columns: Columns | None = None, reader: Reader | None = None) -> Plan:
     """Create the plan, or load it and append input files that appeared since; safe between processes.
 
     Refuses (PlanError) a changed fingerprint once a unit is committed, a planned file that changed, and input
     columns that are missing or typed so that the output could not have one schema. rows_per_unit applies to
-    files when they are first planned (plan.json keeps the first value); planned units never change.
+    files when they are first planned (plan.json keeps the first value); planned units never change. `reader`
+    is the inputs' format (Parquet when None).
     """
     if rows_per_unit < 1:
         raise PlanError(f"rows_per_unit must be at least 1, got {rows_per_unit}")
+    reader = reader or ParquetReader()
     fingerprint = json.loads(json.dumps(fingerprint))  # compare as it will read back (tuples -> lists)
     # list before locking: a thousand array tasks listing a bucket one after another would queue for minutes
-    inputs = list_inputs(input_paths, exclude=store.root)
+    inputs = list_inputs(input_paths, exclude=store.root, extensions=reader.extensions)
     with store.lock(LOCK):
         doc = None if restart else read_plan_doc(store)
         if doc is not None and doc["fingerprint"] != fingerprint:
@@ -151,13 +146,15 @@ def load_or_create_plan(store: Store, input_paths: list[str], rows_per_unit: int
             dirty = False
         planned = {f["path"]: f for f in doc["files"]}
         todo = [p for p in inputs if p not in planned or "error" in planned[p]]
-        described = _map(lambda p: _describe(p, doc["rows_per_unit"]), todo)
+        fresh = set(todo)
+        described = _map(lambda p: _describe(reader, p, doc["rows_per_unit"]), todo)
         if columns is not None:
             schemas = {p: s for p, (_, s) in zip(todo, described) if s is not None}
             for p, s in schemas.items():
                 check_columns(p, s, columns)
             if schemas:
                 doc["schema"] = encode(unify(decode(doc["schema"]) if doc["schema"] else None, schemas, columns))
+        reader.link([f for f in doc["files"] if f["path"] not in fresh], [e for e, _ in described if "error" not in e])
         for path, (entry, _) in zip(todo, described):
             if path not in planned:
                 doc["files"].append({"index": len(doc["files"]), **entry})
@@ -169,9 +166,9 @@ def load_or_create_plan(store: Store, input_paths: list[str], rows_per_unit: int
                 dirty = True
         if dirty:
             store.put(PLAN, json.dumps(doc, separators=(",", ":")).encode())
-    listed, fresh = set(inputs), set(todo)
+    listed = set(inputs)
     known = [f for f in doc["files"] if f["path"] in listed and f["path"] not in fresh and "error" not in f]
-    for f, what in zip(known, _map(changed, known)):
+    for f, what in zip(known, _map(reader.changed, known)):
         if what:
             raise PlanError(f"input {f['path']} changed after it was planned ({what}); put the planned file back, "
                             "or rerun with --restart to start over")

@@ -16,6 +16,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
+from datetime import datetime
 from typing import BinaryIO
 
 from po_batch.data.errors import PlanError, backend_error
@@ -47,6 +48,11 @@ class Writer(AbstractContextManager):
 
 class Store(ABC):
     root: str
+    # create and replace_if are exclusive between processes (claims need that; without it, workers use --shard)
+    conditional: bool = True
+    # touch does not move the version (an object store's ETag hashes the bytes): a heartbeat must rewrite the
+    # object with its lease time inside instead
+    lease_in_object: bool = False
 
     @abstractmethod
     def put(self, name: str, data: bytes) -> None:
@@ -115,7 +121,15 @@ def open_store(url: str) -> Store:
         fsspec.get_filesystem_class(url.split("://", 1)[0])
     except (ImportError, ValueError) as e:
         raise backend_error("output", url, e) from None
-    raise PlanError(f"output {url} must be a local or shared-filesystem directory (object stores come later)")
+    from po_batch.data.objstore import FsspecStore
+
+    return FsspecStore(url)
+
+
+def mtime(info: dict) -> float | None:
+    """An fsspec info's modification time as epoch seconds, whatever the backend calls it."""
+    v = info.get("mtime", info.get("LastModified", info.get("created")))
+    return v.timestamp() if isinstance(v, datetime) else v
 
 
 def _version(st: os.stat_result) -> str:
