@@ -35,24 +35,11 @@ GEMMA2_9B = {"architectures": ["Gemma2ForCausalLM"], "model_type": "gemma2", "vo
              "attention_bias": False}
 TEXT_MODELS = {"qwen3_0_6b": QWEN3_06B, "gemma_2b": GEMMA_2B, "gemma2_9b": GEMMA2_9B}
 
-# llava-v1.6-mistral-7b (llava-hf/llava-v1.6-mistral-7b-hf): its config.json as published, the text config leaving the
-# hidden size and the layer and head counts to MistralConfig's defaults (4096, 32, 32); its preprocessor config has
-# 336-pixel crops and these pinpoints (tests/test_llava_next.py pins both against transformers)
-LLAVA_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
-LLAVA_NEXT_7B = {"architectures": ["LlavaNextForConditionalGeneration"], "ignore_index": -100,
-                 "image_grid_pinpoints": LLAVA_PINPOINTS, "image_token_index": 32000, "model_type": "llava_next",
-                 "projector_hidden_act": "gelu",
-                 "text_config": {"_name_or_path": "mistralai/Mistral-7B-Instruct-v0.2",
-                                 "architectures": ["MistralForCausalLM"], "intermediate_size": 14336,
-                                 "max_position_embeddings": 32768, "model_type": "mistral", "num_key_value_heads": 8,
-                                 "rms_norm_eps": 1e-05, "rope_theta": 1000000.0, "sliding_window": None,
-                                 "torch_dtype": "bfloat16", "vocab_size": 32064},
-                 "torch_dtype": "float16", "use_image_newline_parameter": True,
-                 "vision_config": {"hidden_size": 1024, "image_size": 336, "intermediate_size": 4096,
-                                   "model_type": "clip_vision_model", "num_attention_heads": 16,
-                                   "num_hidden_layers": 24, "patch_size": 14, "projection_dim": 768,
-                                   "vocab_size": 32000},
-                 "vision_feature_layer": -2, "vision_feature_select_strategy": "default", "vocab_size": 32064}
+# llava-v1.6-mistral-7b (llava-hf/llava-v1.6-mistral-7b-hf): its config.json and preprocessor config, written from the
+# published key list (no copy was at hand offline)
+# (tests/test_llava_next.py pins both against transformers)
+LLAVA_NEXT_7B = json.loads((CONFIGS / "llava-v1.6-mistral-7b-hf" / "config.json").read_text())
+LLAVA_PINPOINTS = LLAVA_NEXT_7B["image_grid_pinpoints"]
 
 PUBLISHED = {"qwen3_vl_2b": "Qwen3-VL-2B-Instruct", "qwen2_vl_2b": "Qwen2-VL-2B-Instruct",
              "qwen2_5_vl_3b": "Qwen2.5-VL-3B-Instruct"}

@@ -9,6 +9,7 @@ import json
 import pickle
 import subprocess
 import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -42,26 +43,12 @@ PROMPT = "Is there a {thing} in this image? Answer yes or no."
 THINGS = ["cat", "red dog", "blue car on a green tree", "person", "bird house", "boat", "tree"]
 # llava-v1.6-mistral-7b's preprocessor_config.json, and its config.json as published (the text config leaves the
 # hidden size and the layer and head counts to MistralConfig's defaults)
-PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
-PUBLISHED_PRE = {"aspect_ratio_setting": "anyres", "crop_size": {"height": 336, "width": 336}, "do_center_crop": True,
-                 "do_convert_rgb": True, "do_normalize": True, "do_rescale": True, "do_resize": True,
-                 "image_grid_pinpoints": PINPOINTS, "image_mean": [0.48145466, 0.4578275, 0.40821073],
-                 "image_processor_type": "LlavaNextImageProcessor", "image_std": [0.26862954, 0.26130258, 0.27577711],
-                 "processor_class": "LlavaNextProcessor", "resample": 3, "rescale_factor": 0.00392156862745098,
-                 "size": {"shortest_edge": 336}}
-PUBLISHED = {"architectures": ["LlavaNextForConditionalGeneration"], "ignore_index": -100,
-             "image_grid_pinpoints": PINPOINTS, "image_token_index": 32000, "model_type": "llava_next",
-             "projector_hidden_act": "gelu",
-             "text_config": {"_name_or_path": "mistralai/Mistral-7B-Instruct-v0.2",
-                             "architectures": ["MistralForCausalLM"], "intermediate_size": 14336,
-                             "max_position_embeddings": 32768, "model_type": "mistral", "num_key_value_heads": 8,
-                             "rms_norm_eps": 1e-05, "rope_theta": 1000000.0, "sliding_window": None,
-                             "torch_dtype": "bfloat16", "vocab_size": 32064},
-             "torch_dtype": "float16", "use_image_newline_parameter": True,
-             "vision_config": {"hidden_size": 1024, "image_size": 336, "intermediate_size": 4096,
-                               "model_type": "clip_vision_model", "num_attention_heads": 16, "num_hidden_layers": 24,
-                               "patch_size": 14, "projection_dim": 768, "vocab_size": 32000},
-             "vision_feature_layer": -2, "vision_feature_select_strategy": "default", "vocab_size": 32064}
+# llava-v1.6-mistral-7b-hf's published configs (written from the published key list, not a copy): the text config leaves
+# the hidden size and the layer and head counts to MistralConfig's defaults (4096, 32, 32)
+LLAVA_CONFIGS = Path(__file__).resolve().parent.parent / "bench" / "configs" / "llava-v1.6-mistral-7b-hf"
+PUBLISHED = json.loads((LLAVA_CONFIGS / "config.json").read_text())
+PUBLISHED_PRE = json.loads((LLAVA_CONFIGS / "preprocessor_config.json").read_text())
+PINPOINTS = PUBLISHED["image_grid_pinpoints"]
 
 
 def photo(h: int, w: int, seed: int = 0) -> np.ndarray:

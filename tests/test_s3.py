@@ -13,7 +13,7 @@ from pathlib import Path
 import pyarrow.dataset as ds
 import pytest
 from s3server import start_server
-from test_pipeline import TIMEOUT_S, build_corpus, finish, kill_group, picture, start, summary
+from test_pipeline import TIMEOUT_S, build_corpus, finish, kill_group, picture, proc_file, start, summary
 from test_wds import build_shards, member_json, write_shard
 
 from po_batch.data.claims import Claims
@@ -277,7 +277,7 @@ def test_webdataset_on_s3_shared_by_two_concurrent_workers_scores_each_key_once(
     s3.pipe_file(lock, json.dumps({"owner": "the test", "lease": time.time()}).encode())
     procs = [start(cfg, threads=1), start(cfg, threads=1)]
     try:
-        time.sleep(8)  # both import and reach the lock meanwhile
+        wait_idle(procs)  # both imported, resolved the model and now wait for the lock
         for p in procs:
             assert p.poll() is None, p.stderr.read()
         s3.rm_file(lock)
@@ -298,3 +298,22 @@ def test_webdataset_on_s3_shared_by_two_concurrent_workers_scores_each_key_once(
     assert table.num_rows == len(got) and sorted(got) == sorted(want)
     assert {k: e and e.split(":")[0] for k, e in got.items()} == {k: w["kind"] for k, w in want.items()}
     assert any("truncated" in m.get("notes", {}) for m in done.values())
+
+
+def wait_idle(procs, timeout: float = TIMEOUT_S) -> None:
+    """Until each process has done its start-up work (a few CPU seconds) and then spent a second all but idle: a
+    worker polling the plan lock, on a machine loaded or not (a fixed sleep raced slow starts)."""
+    def cpu(p) -> float:
+        fields = proc_file(p.pid, "stat").rsplit(b")", 1)[-1].split()
+        return (int(fields[11]) + int(fields[12])) / 100 if len(fields) > 12 else 0.0
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        before = [cpu(p) for p in procs]
+        time.sleep(1.0)
+        after = [cpu(p) for p in procs]
+        if all(b > 3 and a - b < 0.15 for a, b in zip(after, before)):
+            return
+        assert all(p.poll() is None for p in procs), [p.stderr.read() for p in procs]
+    raise AssertionError("the workers never reached the plan lock")
+

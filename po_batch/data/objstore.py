@@ -93,22 +93,17 @@ class FsspecStore(Store):
         self._put(name, data)
 
     def create(self, name: str, data: bytes) -> bool:
-        self._need_conditional()
-        try:
-            self._put(name, data, mode="create")
-        except FileExistsError:
-            return False
-        except OSError as e:
-            if _refused(e):
-                return False
-            raise
-        return True
+        return self._put_if(name, data, mode="create")
 
     def replace_if(self, name: str, version: str, data: bytes) -> bool:
+        return self._put_if(name, data, IfMatch=version)
+
+    def _put_if(self, name: str, data: bytes, **condition) -> bool:
+        """A conditional PUT: False when the store refuses it (the object exists, changed or went)."""
         self._need_conditional()
         try:
-            self._put(name, data, IfMatch=version)
-        except FileNotFoundError:
+            self._put(name, data, **condition)
+        except (FileExistsError, FileNotFoundError):
             return False
         except OSError as e:
             if _refused(e):
