@@ -89,3 +89,29 @@ def test_verify_reports_a_mismatch_and_exits_1(setup, monkeypatch):
     console = Console(file=io.StringIO(), width=200)
     assert verify(cfg, 4, "cpu", "float32", console) == 1
     assert "MISMATCH" in console.file.getvalue()
+
+
+def test_verify_skips_rows_po_batch_flags_that_transformers_would_refuse(tmp_path):
+    """An aspect ratio of 250:1 is a row error for po-batch and an exception in transformers' processor: verify
+    says so for that row and compares the others."""
+    ckpt = build_checkpoint(tmp_path / "model", "qwen3_vl")
+    pq.write_table(pa.table({"id": ["thin", "ok"], "category": ["cat", "dog"],
+                             "image": pa.array([picture(1000, 4, 1), picture(64, 48, 2)], pa.binary())}),
+                   tmp_path / "data.parquet")
+    cfg = config_from_dict({"model": {"path": str(ckpt), "device": "cpu"},
+                            "input": {"paths": [str(tmp_path / "data.parquet")], "columns": ["category"]},
+                            "task": {"prompt": "Is there a {category}? Answer yes or no."},
+                            "output": {"path": str(tmp_path / "out")}, "run": {"workers": 0}})
+    console = Console(file=io.StringIO(), width=250)
+    assert verify(cfg, 2, "cpu", "float32", console) == 0
+    text = console.file.getvalue()
+    assert "aspect" in text and "skipped: po-batch flags the row" in text and "1 row-questions compared" in text
+
+
+def test_verify_refuses_zero_rows_in_one_line(tmp_path, po_batch_cli):
+    config = tmp_path / "config.yaml"
+    config.write_text(f"model: {{path: {build_checkpoint(tmp_path / 'model', 'qwen3')}, device: cpu}}\n"
+                      "input: {paths: [nothing.parquet], image_column: null}\n"
+                      "task: {prompt: 'Is it? Answer yes or no.'}\noutput: {path: out}\n")
+    res = po_batch_cli("verify", config, "--rows", "0")
+    assert res.returncode == 2 and res.stderr.strip() == "po-batch: --rows: must be at least 1 (got 0)", res.stderr
