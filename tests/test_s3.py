@@ -123,7 +123,9 @@ def test_the_plan_lock_is_exclusive_and_a_dead_holders_lock_is_taken_over(s3, bu
     t = time.monotonic()
     with store.lock("_po_batch/plan.lock"):
         assert json.loads(store.read("_po_batch/plan.lock"))["owner"] != "a killed run"
-    assert 0.5 < time.monotonic() - t < 10
+    # taken over once its lease is LOCK_TTL_S old by the object's LastModified, which S3 keeps to the second (so
+    # the wait can be anything from 0 to about 2 s here), never waited on forever
+    assert time.monotonic() - t < 10
 
 
 def test_a_store_without_conditional_writes_refuses_claims_and_names_shard(tmp_path):
