@@ -15,9 +15,6 @@ QWEN_ROLES = {"unk_token": "<|endoftext|>", "eos_token": "<|im_end|>", "pad_toke
 # it), as prep/prompt.py's check that the template's parts tokenize like the whole prompt needs.
 GEMMA_ROLES = {"unk_token": "<unk>", "bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>"}
 GEMMA_SPECIAL_TOKENS = ["<start_of_turn>", "<end_of_turn>"]
-# LLaVA-NeXT's Llama tokenizer: it puts <s> before any text it tokenizes, and the chat template writes none
-LLAVA_ROLES = {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>",
-               "add_bos_token": True}
 LLAVA_SPECIAL_TOKENS = ["<image>"]
 
 # Qwen2-VL's template (Qwen2.5-VL's is the same): a default system prompt, images as vision_start/pad/end.
@@ -104,6 +101,31 @@ def build_tokenizer(extra_first: int = 0, roles: dict = QWEN_ROLES, specials: li
     return qt
 
 
+def build_llama_tokenizer(extra_first: int = 0, specials: list[str] = LLAVA_SPECIAL_TOKENS):
+    """A sentencepiece-style BPE like Llama's and Mistral's (LLaVA-NeXT's): "▁" for spaces, byte fallback, <s>
+    added before any text, loaded by transformers' LlamaTokenizer, whose Metaspace pre-tokenizer prepends "▁" to
+    the first piece of a text only: a piece's tokens depend on where it stands, unlike byte-level BPE's."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import LlamaTokenizer
+
+    texts = [t.format(w, w) for t in CORPUS for w in WORDS] * 4 + ["[INST] ? [/INST]"] * 8
+    tok = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=True)
+    roles = ["<unk>", "<s>", "</s>"]
+    trainer = trainers.BpeTrainer(vocab_size=500, special_tokens=roles + [f"<0x{i:02X}>" for i in range(256)],
+                                  show_progress=False)
+    tok.train_from_iterator(texts, trainer)
+    doc = json.loads(tok.to_str())["model"]
+    vocab = {k: v for k, v in doc["vocab"].items()}
+    for i in range(extra_first):
+        vocab[f"<reserved_{i}>"] = len(vocab)
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in doc["merges"]]
+    lt = LlamaTokenizer(vocab=vocab, merges=merges, legacy=False, add_bos_token=True, unk_token="<unk>",
+                        bos_token="<s>", eos_token="</s>", pad_token="<unk>")
+    lt.add_special_tokens({"additional_special_tokens": list(specials)})
+    return lt
+
+
 def _ids(tok) -> dict:
     get = tok.convert_tokens_to_ids
     return {"image_token_id": get("<|image_pad|>"), "video_token_id": get("<|video_pad|>"),
@@ -129,7 +151,7 @@ def build_checkpoint(path: str | Path, family: str = "qwen3_vl", seed: int = 0, 
     if gemma:
         tok = build_tokenizer(extra_first, GEMMA_ROLES, GEMMA_SPECIAL_TOKENS)
     elif family == "llava_next":
-        tok = build_tokenizer(extra_first, LLAVA_ROLES, LLAVA_SPECIAL_TOKENS)
+        tok = build_llama_tokenizer(extra_first)
     else:
         tok = build_tokenizer(extra_first, extra_special=JINA_V3_TOKENS if head == "jina_v3" else ())
     vocab = len(tok) + 3  # a little slack beyond the tokenizer, as real checkpoints have

@@ -35,7 +35,7 @@ from po_batch.prep.llava_next import LlavaNextProcessor, select_best_resolution,
 from po_batch.prep.prompt import answer_ids, build_template
 from po_batch.sample import Question, Sample
 from po_batch.spec import open_spec
-from po_batch.tiny import LLAVA_PINPOINTS, LLAVA_ROLES, LLAVA_SPECIAL_TOKENS, build_checkpoint, build_tokenizer
+from po_batch.tiny import LLAVA_PINPOINTS, build_checkpoint, build_llama_tokenizer
 from po_batch.verify import verify
 
 TOL = 1e-3
@@ -84,7 +84,7 @@ def published(tmp_path_factory):
     (d / "preprocessor_config.json").write_text(json.dumps(PUBLISHED_PRE))
     image_processor = AutoImageProcessor.from_pretrained(d)
     assert type(image_processor).__name__ == "LlavaNextImageProcessor" and image_processor.backend == "torchvision"
-    hf = HFProcessor(image_processor=image_processor, tokenizer=build_tokenizer(0, LLAVA_ROLES, LLAVA_SPECIAL_TOKENS),
+    hf = HFProcessor(image_processor=image_processor, tokenizer=build_llama_tokenizer(),
                      patch_size=14, vision_feature_select_strategy="default", num_additional_image_tokens=1)
     return hf, LlavaNextProcessor.from_configs(PUBLISHED_PRE, PUBLISHED)
 

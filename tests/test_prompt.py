@@ -120,3 +120,41 @@ def test_a_template_that_trims_the_users_text_trims_the_rows_text_too(tmp_path):
     assert spaced.input_ids.tolist() == plain.input_ids.tolist()
     console = Console(file=io.StringIO(), width=200)
     assert verify(cfg, 2, "cpu", "float32", console) == 0, console.file.getvalue()
+
+
+LLAVA_SYS = ("[INST] <image>\n", " [/INST]")
+
+
+@pytest.mark.parametrize("text", ["Is there a {category}?", " leading space {category}", "{category}  two  spaces ",
+                                  "a\nnew line, {category}.", "?{category}", "<image> as text {category}"])
+def test_a_sentencepiece_tokenizer_tokenizes_each_row_as_the_whole_prompt(tmp_path_factory, text):
+    """Llama/Mistral's tokenizer (LLaVA-NeXT's) prepends "▁" to a text's first piece only, so the chat template's
+    parts tokenized one by one differ from the whole prompt: po-batch tokenizes each row's text together with the
+    template's text around it up to the special tokens, and gets transformers' tokens of the whole prompt, for
+    any text; the labels' tokens are their tokens after the prompt; a row's "<image>" stays text."""
+    from po_batch.prep.families import LLAVA_NEXT
+    from po_batch.prep.prompt import build_template, in_context
+    from po_batch.sample import Picture, Question
+    from po_batch.tiny import LLAVA_TEMPLATE, build_llama_tokenizer
+
+    tok = build_llama_tokenizer(7)
+    tok.chat_template = LLAVA_TEMPLATE
+    image_id = tok.convert_tokens_to_ids("<image>")
+    template = build_template(tok, True, image_id, LLAVA_NEXT)
+    assert template.stretch and (template.tail, template.head) == ("\n", " [/INST]")
+    rendered = text.format(category="cat")
+    whole = tok(LLAVA_SYS[0] + rendered + LLAVA_SYS[1]).input_ids  # as LlavaNextProcessor tokenizes the prompt
+    assert whole[0] == tok.bos_token_id
+    picture = Picture(np.zeros((1, 3), np.uint8), (1, 1, 1), np.zeros((1, 1), dtype=np.int32), 1)
+    ids = template.encode([Question(text)], {"category": "cat"}, picture)[0].tolist()
+    if "<image>" in text:  # transformers reads the row's "<image>" as a second image; po-batch as text
+        assert ids.count(image_id) == 1 and whole.count(image_id) == 2
+    else:
+        assert ids == whole
+    for label in ["yes", "red", "Yes"]:
+        with_label = tok(LLAVA_SYS[0] + rendered + LLAVA_SYS[1] + " " + label).input_ids
+        assert with_label[:len(whole)] == whole or "<image>" in text
+        assert in_context(template, tok.backend_tokenizer, " " + label) == with_label[len(whole):]
+    # two questions share the prefix through the image; each continues with its own text and the [/INST]
+    two = template.encode([Question("Is it a {category}?"), Question(text)], {"category": "cat"}, picture)
+    assert two[0][:len(template.prefix)].tolist() == template.prefix and len(two[2]) == 3

@@ -2,7 +2,8 @@
 only the row's text, expand the image placeholder to the image's token count and lay out the positions: the text's
 counting up, the image's where its family's processor puts them (prep/families.py)."""
 
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, replace
 
 import numpy as np
 from tokenizers import Tokenizer
@@ -27,6 +28,17 @@ class PromptTemplate:
     image_token_id: int | None
     axes: int                # rows of the positions of a prompt without an image (FamilyPrep.axes)
     trim: bool = False       # the chat template strips the user's text (Gemma's `| trim`): so does po-batch
+    # A tokenizer whose pieces depend on where they stand (Llama/Mistral's Metaspace, which prepends "▁" to the
+    # first piece only) tokenizes each row's text with the template's text around it up to the nearest special
+    # tokens: `tail` (of the prefix) + text + `head` (of the suffix), as one piece, like the whole prompt.
+    stretch: bool = False
+    tail: str = ""
+    head: str = ""
+
+    @property
+    def fixed(self) -> list:
+        """What the fingerprint takes of the template."""
+        return [self.prefix, self.suffix] + ([self.tail, self.head] if self.stretch else [])
 
     def encode(self, questions: list[Question], fields: dict, picture: Picture | None = None):
         """One row as a Sample's token fields: (ids (L,), positions (axes, L), segments (S, 3), targets (R,)).
@@ -42,7 +54,8 @@ class PromptTemplate:
         segs = [(head, head_pos, -1, [])]  # (ids, positions, parent, targets of the rows read: the last ones)
         for q in questions:
             rendered = q.text.format_map(values)
-            text = self.tokenizer.encode(rendered.strip() if self.trim else rendered, add_special_tokens=False).ids
+            text = self.tokenizer.encode(self.tail + (rendered.strip() if self.trim else rendered) + self.head,
+                                         add_special_tokens=False).ids
             at = len(segs)
             segs.append(_child(segs, 0, text + self.suffix, [NO_TARGET]))
             segs += [_child(segs, at, list(fed), list(tgt)) for fed, tgt in q.branches]
@@ -98,8 +111,9 @@ def build_template(tokenizer, image: bool, image_token_id: int | None, family: F
         lead, trail = added_tokens(backend, probe, "template: raw")
         prefix = lead + (enc(family.placeholder) if image else [])
         after = backend.decode(trail, skip_special_tokens=False)
-        return PromptTemplate(text_tokenizer(backend), prefix, trail, after, image_token_id if image else None,
-                              family.axes)
+        # after the image's placeholder (a special token) the text is not the prompt's first piece
+        return PromptTemplate(text_tokenizer(backend, first_piece=not image), prefix, trail, after,
+                              image_token_id if image else None, family.axes)
 
     def render(text: str) -> str:
         return render_chat(tokenizer, [{"type": "image"}, {"type": "text", "text": text}] if image else text, system)
@@ -131,10 +145,34 @@ def build_template(tokenizer, image: bool, image_token_id: int | None, family: F
                           f"(token id {image_token_id}); expected exactly one")
     # without `special`, the rendered template holds every token the model wants: a tokenizer that adds its own
     # (Gemma's BOS) must not add them again, as apply_chat_template does not
-    if tokenizer(before + probe + after, add_special_tokens=special).input_ids != prefix + enc(probe) + suffix:
-        raise PromptError("tokenizing the prompt's parts separately differs from tokenizing it whole")
-    return PromptTemplate(text_tokenizer(backend), prefix, suffix, after, image_token_id if image else None,
-                          family.axes, trim)
+    whole = lambda text: tokenizer(before + text + after, add_special_tokens=special).input_ids  # noqa: E731
+    lead = prefix[:len(prefix) - len(enc(before))]
+    template = PromptTemplate(text_tokenizer(backend), prefix, suffix, after, image_token_id if image else None,
+                              family.axes, trim)
+    if whole(probe) != prefix + enc(probe) + suffix:
+        template = _in_stretch(template, backend, lead, before, after)
+        row = lambda text: template.tokenizer.encode(template.tail + text + template.head,  # noqa: E731
+                                                     add_special_tokens=False).ids
+        if any(whole(p) != template.prefix + row(p) + template.suffix for p in (probe, padded)):
+            raise PromptError("tokenizing the prompt's parts separately differs from tokenizing it whole")
+    return template
+
+
+def _in_stretch(template: PromptTemplate, backend, lead: list[int], before: str, after: str) -> PromptTemplate:
+    """The template for a tokenizer whose pieces depend on their place: the prefix ends at the last special token
+    before the user's text, the suffix starts at the first one after it, and the text between is tokenized with
+    each row's text as one piece. That piece never starts the prompt when a special token precedes it, so a
+    Metaspace that prepends "▁" to the first piece only must not prepend it there."""
+    specials = [t.content for t in backend.get_added_tokens_decoder().values() if t.special]
+    cut_b = max((before.rfind(t) + len(t) for t in specials if t in before), default=0)
+    cut_a = min((after.find(t) for t in specials if t in after), default=len(after))
+    enc = lambda s: backend.encode(s, add_special_tokens=False).ids  # noqa: E731
+    tok = text_tokenizer(backend, first_piece=not (lead or cut_b))
+    rest = after[cut_a:]
+    # a label follows the prompt's last piece: the suffix's text after its last special token, or `head`
+    cut_r = max((rest.rfind(t) + len(t) for t in specials if t in rest), default=0)
+    return replace(template, stretch=True, tokenizer=tok, prefix=lead + enc(before[:cut_b]), suffix=enc(rest),
+                   after=rest[cut_r:] if rest else after[:cut_a], tail=before[cut_b:], head=after[:cut_a])
 
 
 def added_tokens(backend, probe: str, where: str) -> tuple[list[int], list[int]]:
@@ -146,10 +184,17 @@ def added_tokens(backend, probe: str, where: str) -> tuple[list[int], list[int]]
     return whole[:at], whole[at + len(body):]
 
 
-def text_tokenizer(backend) -> Tokenizer:
+def text_tokenizer(backend, first_piece: bool = True) -> Tokenizer:
     """A copy of the checkpoint's tokenizers.Tokenizer for the rows' text, where special tokens are text: a row's
-    "<|image_pad|>" is seven characters, not an image slot."""
-    text = Tokenizer.from_str(backend.to_str())
+    "<|image_pad|>" is seven characters, not an image slot. Without `first_piece`, the text stands after other
+    pieces of the prompt: a Metaspace pre-tokenizer that prepends "▁" to the first piece only prepends nothing."""
+    doc = json.loads(backend.to_str())
+    if not first_piece:
+        pre = doc.get("pre_tokenizer") or {}
+        for p in pre.get("pretokenizers", [pre]):
+            if p.get("type") == "Metaspace" and p.get("prepend_scheme") == "first":
+                p["prepend_scheme"] = "never"
+    text = Tokenizer.from_str(json.dumps(doc))
     text.encode_special_tokens = True
     return text
 
@@ -157,10 +202,15 @@ def text_tokenizer(backend) -> Tokenizer:
 def in_context(template: PromptTemplate, backend, word: str) -> list[int]:
     """The tokens of `word` where an answer stands: right after the assistant's header, as the template renders
     it (a word can tokenize differently alone). `backend` is the checkpoint's tokenizers.Tokenizer."""
-    ids = backend.encode(template.after + word, add_special_tokens=False).ids
-    if ids[:len(template.suffix)] != template.suffix:
+    if template.stretch:  # `after` is the prompt's last piece: the word joins it (layout in _in_stretch)
+        tok = text_tokenizer(backend, first_piece=False) if template.suffix else template.tokenizer
+        ids = tok.encode(template.after + word, add_special_tokens=False).ids
+        base = tok.encode(template.after, add_special_tokens=False).ids
+    else:
+        ids, base = backend.encode(template.after + word, add_special_tokens=False).ids, template.suffix
+    if ids[:len(base)] != base:
         raise PromptError(f"{word!r} merges with the end of the chat template's assistant header when tokenized")
-    return ids[len(template.suffix):]
+    return ids[len(base):]
 
 
 def answer_ids(tokenizer, answers: dict[str, str]) -> list[int]:

@@ -22,7 +22,7 @@ class TemplatePrompt:
 
     @property
     def fixed(self) -> list:
-        return [self.template.prefix, self.template.suffix]
+        return self.template.fixed
 
     def encode(self, fields: dict, picture) -> dict:
         ids, positions, segments, targets = self.template.encode(self.questions, fields, picture)
