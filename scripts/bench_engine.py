@@ -135,7 +135,8 @@ def profile_table(fn, rows: int = 20) -> dict:
         torch.cuda.synchronize()
     kernels = [e for e in prof.key_averages() if e.device_type == DeviceType.CUDA and e.self_device_time_total > 0]
     total = sum(e.self_device_time_total for e in kernels)
-    families = {"gemm": r"nvjet|gemm|cutlass|xmma|sm90_", "attention": r"flash|fmha|cudnn|attention",
+    # attention first: the flash and cuDNN attention kernels' names also hold "cutlass" and "sm90_"
+    families = {"attention": r"flash|fmha|cudnn|attention", "gemm": r"nvjet|gemm|cutlass|xmma|sm90_",
                 "fused_triton": r"^triton_", "copy": r"[Mm]emcpy|copy"}
     split = collections.Counter()
     for e in kernels:
