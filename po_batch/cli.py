@@ -1,8 +1,12 @@
 """The po-batch command line: run, slurm, status, verify, topk, nearest, demo. Exit codes: 0 done, 1 failed, 2 usage
 or config error, 3 stopped by a signal with work left, 4 done here while other workers hold the rest."""
 
-import json
-import shlex
+from po_batch.stop import hold_usr1
+
+hold_usr1()  # before the imports below: a Slurm warning meanwhile waits for `run`'s Stop instead of killing
+
+import json  # noqa: E402
+import shlex  # noqa: E402
 import sys
 import traceback
 from importlib import metadata

@@ -8,6 +8,13 @@ import signal
 from collections.abc import Callable
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+_EARLY: list[int] = []  # SIGUSR1s that came before a Stop was installed
+
+
+def hold_usr1() -> None:
+    """Keep a SIGUSR1 (Slurm's warning before the time limit) that comes before any Stop is installed, for the
+    Stop that `install`s next, instead of its default action, which kills: the CLI calls this first thing."""
+    signal.signal(signal.SIGUSR1, lambda signum, _frame: _EARLY.append(signum))
 
 
 class Stop:
@@ -46,6 +53,8 @@ class Stop:
         previous = {s: signal.getsignal(s) for s in SIGNALS}
         for s in SIGNALS:
             signal.signal(s, self.on_signal)
+        while _EARLY:
+            self.on_signal(_EARLY.pop(0), None)
         return previous
 
     @staticmethod
