@@ -116,7 +116,7 @@ def build_llama_tokenizer(extra_first: int = 0, specials: list[str] = LLAVA_SPEC
                                   show_progress=False)
     tok.train_from_iterator(texts, trainer)
     doc = json.loads(tok.to_str())["model"]
-    vocab = {k: v for k, v in doc["vocab"].items()}
+    vocab = dict(doc["vocab"])
     for i in range(extra_first):
         vocab[f"<reserved_{i}>"] = len(vocab)
     merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in doc["merges"]]

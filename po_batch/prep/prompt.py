@@ -134,6 +134,7 @@ def build_template(tokenizer, image: bool, image_token_id: int | None, family: F
                           "reuse its rendering")
     prefix, suffix = enc(before), enc(after)
     special = family.processor is not None and not (tokenizer.bos_token and before.startswith(tokenizer.bos_token))
+    lead: list[int] = []  # the tokens the tokenizer itself puts before the prompt (a BOS), when it is asked to
     if special:
         lead, trail = added_tokens(backend, probe, "a vision model's chat template")
         if trail:
@@ -146,7 +147,6 @@ def build_template(tokenizer, image: bool, image_token_id: int | None, family: F
     # without `special`, the rendered template holds every token the model wants: a tokenizer that adds its own
     # (Gemma's BOS) must not add them again, as apply_chat_template does not
     whole = lambda text: tokenizer(before + text + after, add_special_tokens=special).input_ids  # noqa: E731
-    lead = prefix[:len(prefix) - len(enc(before))]
     template = PromptTemplate(text_tokenizer(backend), prefix, suffix, after, image_token_id if image else None,
                               family.axes, trim)
     if whole(probe) != prefix + enc(probe) + suffix:
@@ -164,15 +164,15 @@ def _in_stretch(template: PromptTemplate, backend, lead: list[int], before: str,
     each row's text as one piece. That piece never starts the prompt when a special token precedes it, so a
     Metaspace that prepends "▁" to the first piece only must not prepend it there."""
     specials = [t.content for t in backend.get_added_tokens_decoder().values() if t.special]
-    cut_b = max((before.rfind(t) + len(t) for t in specials if t in before), default=0)
+    past_last = lambda s: max((s.rfind(t) + len(t) for t in specials if t in s), default=0)  # noqa: E731
+    cut_b = past_last(before)
     cut_a = min((after.find(t) for t in specials if t in after), default=len(after))
     enc = lambda s: backend.encode(s, add_special_tokens=False).ids  # noqa: E731
     tok = text_tokenizer(backend, first_piece=not (lead or cut_b))
     rest = after[cut_a:]
     # a label follows the prompt's last piece: the suffix's text after its last special token, or `head`
-    cut_r = max((rest.rfind(t) + len(t) for t in specials if t in rest), default=0)
     return replace(template, stretch=True, tokenizer=tok, prefix=lead + enc(before[:cut_b]), suffix=enc(rest),
-                   after=rest[cut_r:] if rest else after[:cut_a], tail=before[cut_b:], head=after[:cut_a])
+                   after=rest[past_last(rest):] if rest else after[:cut_a], tail=before[cut_b:], head=after[:cut_a])
 
 
 def added_tokens(backend, probe: str, where: str) -> tuple[list[int], list[int]]:
