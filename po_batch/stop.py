@@ -1,11 +1,16 @@
 """Stop: why and whether a run ends early. SIGTERM, SIGINT and SIGUSR1 (Slurm's warning before the time limit) ask
-for a stop: stop claiming, let claimed units finish and commit, exit 3; a second signal aborts at once. An executor
-can also ask (a launcher forwarding its own signal to its engine processes). Light on imports: a process installs
-it before it imports torch, so that a signal during the imports is not the default action (USR1's kills)."""
+for a stop: stop claiming, let claimed units finish and commit, exit 3; a second TERM or INT aborts at once (a
+repeated USR1 is the same warning again: Slurm warns a requeued task anew). An executor can also ask (a launcher
+forwarding its own signal to its engine processes). Light on imports: a process installs it before it imports
+torch, so that a signal during the imports is not the default action (USR1's kills). Child processes start with
+SIGNALS blocked (`blocked`) and unblock them once their handlers are in place: a signal to the whole process group
+(Slurm signals every process of a step) while one starts waits for it instead of killing it."""
 
+import atexit
+import contextlib
 import os
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 _EARLY: list[int] = []  # SIGUSR1s that came before a Stop was installed
@@ -13,8 +18,28 @@ _EARLY: list[int] = []  # SIGUSR1s that came before a Stop was installed
 
 def hold_usr1() -> None:
     """Keep a SIGUSR1 (Slurm's warning before the time limit) that comes before any Stop is installed, for the
-    Stop that `install`s next, instead of its default action, which kills: the CLI calls this first thing."""
+    Stop that `install`s next, instead of its default action, which kills: the CLI calls this first thing. At exit,
+    ignore it: the interpreter's teardown (a second or more with torch loaded) restores default actions, and a
+    warning then would kill a run that has finished (exit 138 fails a Slurm task whose work is all committed)."""
     signal.signal(signal.SIGUSR1, lambda signum, _frame: _EARLY.append(signum))
+    atexit.register(signal.signal, signal.SIGUSR1, signal.SIG_IGN)
+
+
+@contextlib.contextmanager
+def blocked() -> Iterator[None]:
+    """SIGNALS blocked in this thread meanwhile: a child process started in it (subprocess, multiprocessing's
+    spawn) inherits the mask through exec and calls `unblock` once it handles them. This process still gets them:
+    the kernel hands them to another thread, or delivers them when the block ends."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def unblock() -> None:
+    """In a child started under `blocked`, once its handlers are set: what came meanwhile is delivered now."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
 
 
 class Stop:
@@ -41,7 +66,9 @@ class Stop:
             tell(self.reason)
 
     def on_signal(self, signum, _frame) -> None:
-        self.signals += 1
+        if signum == signal.SIGUSR1 and self.reason is not None:
+            return  # the warning again (a requeued task is warned anew): not a request to abort
+        self.signals += signum != signal.SIGUSR1
         if self.signals > 1:
             if self.on_abort is not None:
                 self.on_abort()

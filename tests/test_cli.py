@@ -195,6 +195,6 @@ def test_a_slurm_warning_before_run_installs_its_handler_is_kept_for_it_not_fata
     """SIGUSR1's default action kills: one that comes while the CLI imports (a requeued task warned at once) is held
     and reaches run's Stop, which then stops (and requeues) as for a warning mid-run."""
     code = ("import os, signal; import po_batch.cli; os.kill(os.getpid(), signal.SIGUSR1); "
-            "from po_batch.stop import Stop; s = Stop(); s.install(); print(s.reason, s.signals)")
+            "from po_batch.stop import Stop; s = Stop(); s.install(); print(s.reason)")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert res.returncode == 0 and res.stdout.split() == ["SIGUSR1", "1"], res
+    assert res.returncode == 0 and res.stdout.split() == ["SIGUSR1"], res

@@ -33,6 +33,9 @@ class Poisonable:
 class SlowStart(Poisonable):
     """Takes 3 s to unpickle, in the worker only: a start as slow as a loaded node's."""
 
+    def __getstate__(self):
+        return {"slow": True}  # a state, or pickle would never call __setstate__
+
     def __setstate__(self, state):
         time.sleep(3)
 
@@ -162,3 +165,17 @@ def test_close_ends_a_stuck_worker(pool_of):
     t = time.monotonic()
     pool.close()
     assert time.monotonic() - t < 2 and not alive(pid)
+
+
+def test_a_signal_to_the_process_group_while_a_worker_starts_does_not_kill_it(pool_of):
+    """Slurm signals every process of a step, Ctrl-C the whole process group: a worker that is still importing
+    and unpickling (SlowStart: 3 s) must not die of SIGUSR1's or SIGTERM's default action (the pool replaced it,
+    and after `losses_limit` such deaths failed the run)."""
+    pool = pool_of(2, prep=SlowStart(), row_timeout=30)
+    pids = [w.proc.pid for w in pool.workers]
+    time.sleep(0.5)
+    for pid in pids:
+        for sig in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT):
+            os.kill(pid, sig)
+    assert run(pool, list(range(8))) == {k: 2 * k for k in range(8)}
+    assert [w.proc.pid for w in pool.workers] == pids and all(alive(pid) for pid in pids)  # none was replaced

@@ -5,6 +5,7 @@ over MaxArraySize goes in pieces with offsets, exit 4 (other workers hold the re
 that sbatch refuses is one line."""
 
 import json
+import os
 import random
 import re
 import subprocess
@@ -175,7 +176,7 @@ def test_a_task_warned_before_its_time_limit_commits_requeues_itself_and_the_arr
     assert f"po-batch: near the time limit: requeueing Slurm job {job}_0" in log, log
     assert f"Slurm task 0 (job {job}_0), restart 1" in log, log
     state = cluster.job(f"{job}_0")
-    assert (state["JobState"], state["ExitCode"]) == ("COMPLETED", "0:0") and int(state["Restarts"]) >= 1, state
+    assert (state["JobState"], state["ExitCode"]) == ("COMPLETED", "0:0") and int(state["Restarts"]) >= 1, (state, log)
     # the warned run committed units before it requeued: the next run resumed from them
     recs = sorted(task_records(out), key=lambda r: r["started_at"])
     assert recs[0]["state"] == "stopped" and recs[0]["units"] >= 1 and recs[0]["slurm_restarts"] == 0, recs
@@ -235,3 +236,24 @@ def test_a_submission_that_sbatch_refuses_is_one_line_naming_the_script(cluster,
     assert res.stderr.startswith(f"po-batch: sbatch refused {tmp_path}/out.slurm/po-batch.sbatch: Batch job "
                                  "submission failed: Invalid partition name specified"), res.stderr
     assert res.stderr.count("\n") == 1 and not cluster.jobs()
+
+
+@pytest.mark.parametrize("code, requeued, exit_code", [(138, True, 0), (4, False, 0), (3, False, 3), (1, False, 1)])
+def test_the_script_requeues_a_task_the_warning_killed_while_it_started(tmp_path, code, requeued, exit_code):
+    """The ~50 ms before Python runs po-batch's first line are the one time the warning's default action can kill
+    it (exit 138): the sbatch script then requeues the task itself. Its own bash runs it, with srun and scontrol
+    on PATH replaced by scripts that exit `code` and record their arguments."""
+    from po_batch.launch.slurm import ArrayJob, script
+
+    bin_ = tmp_path / "bin"
+    bin_.mkdir()
+    for name, body in {"srun": f"exit {code}", "scontrol": f'echo "$@" >> {tmp_path}/scontrol.args'}.items():
+        (bin_ / name).write_text(f"#!/bin/sh\n{body}\n")
+        (bin_ / name).chmod(0o755)
+    job = ArrayJob(config=tmp_path / "config.yaml", tasks=2, folder=tmp_path / "slurm")
+    (tmp_path / "job.sbatch").write_text(script(job, 2))
+    env = {**os.environ, "PATH": f"{bin_}:{os.environ['PATH']}", "SLURM_ARRAY_JOB_ID": "41", "SLURM_ARRAY_TASK_ID": "1"}
+    res = subprocess.run(["bash", str(tmp_path / "job.sbatch")], capture_output=True, text=True, env=env, timeout=60)
+    args = (tmp_path / "scontrol.args").read_text().split() if requeued else []
+    assert res.returncode == exit_code and args == (["requeue", "41_1"] if requeued else []), res
+    assert ("killed by the time-limit warning while starting: requeueing Slurm job 41_1" in res.stdout) == requeued

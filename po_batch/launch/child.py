@@ -7,12 +7,13 @@ import sys
 import threading
 import traceback
 
-from po_batch.stop import Stop
+from po_batch.stop import Stop, unblock
 
 
 def main() -> int:
     stop = Stop()
     stop.install()  # before the imports below: a signal meanwhile must not be its default action
+    unblock()  # the launcher started us with them blocked: one that came while Python started is heard now
     job = json.loads(sys.stdin.readline())
 
     def watch():

@@ -20,7 +20,7 @@ from po_batch.data.markers import mark_failed, scan
 from po_batch.data.workers import read_records, write_record
 from po_batch.progress import Progress, plural
 from po_batch.spec import open_spec
-from po_batch.stop import Stop
+from po_batch.stop import Stop, blocked
 
 POLL_S = 0.1  # how soon a dead engine process is reaped: until then its claims look alive to the others
 READ_EVERY_S = 0.5
@@ -124,8 +124,9 @@ class Node:
         job = {"config": config_to_dict(self.cfg), "config_path": config_path, "shard": sub,
                "labels": {**self.labels, "gpu": self.ids[k], "engine": k}, "cores": self.cores,
                "name": self.names[k]}
-        p = subprocess.Popen([sys.executable, "-m", "po_batch.launch.child"], stdin=subprocess.PIPE, env=env,
-                             text=True)
+        with blocked():  # until its Stop is installed: a signal to the process group while it starts waits
+            p = subprocess.Popen([sys.executable, "-m", "po_batch.launch.child"], stdin=subprocess.PIPE, env=env,
+                                 text=True)
         p.stdin.write(json.dumps(job) + "\n")
         p.stdin.flush()
         self.procs.append(p)

@@ -99,6 +99,13 @@ def script(job: ArrayJob, first: int) -> str:
         f'echo "{stamp} exit $rc"',
         "# 4: this task is done, other tasks hold the rest of the units: not a failure",
         'if [ "$rc" -eq 4 ]; then rc=0; fi',
+        f"# {128 + 10}: the warning (USR1) killed po-batch while Python started, before it could hear it: requeue",
+        "# this task as po-batch itself would have (its claims are seen dead, or expire)",
+        f'if [ "$rc" -eq {128 + 10} ]; then',
+        f'  echo "{stamp} killed by the time-limit warning while starting: requeueing Slurm job '
+        '${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}"',
+        '  scontrol requeue "${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}" && rc=0',
+        'fi',
         'exit "$rc"',
         ""])
 

@@ -8,7 +8,10 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from multiprocessing import resource_tracker
 from multiprocessing.connection import wait
+
+from po_batch.stop import SIGNALS, blocked, unblock
 
 
 @dataclass
@@ -26,9 +29,11 @@ WORKER_DIED = "a prep worker process died (killed, or out of memory)"
 
 def _worker(conn, prep: Callable) -> None:
     # Signals are the parent's to handle: Ctrl-C, scancel and Slurm's USR1 reach the whole process group, and a
-    # worker dying mid-task would lose its rows. The parent finishes, then closes the pipe (or kills us).
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+    # worker dying mid-task would lose its rows. The parent finishes, then closes the pipe (or kills us). We
+    # started with them blocked (stop.blocked): one that came while we imported and unpickled is dropped here.
+    for sig in SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
+    unblock()
     try:
         conn.send(None)  # ready: the parent starts timing the first row now, not while we imported and unpickled
         while True:
@@ -44,7 +49,9 @@ class _Worker:
     def __init__(self, ctx, prep):
         self.conn, child = ctx.Pipe()
         self.proc = ctx.Process(target=_worker, args=(child, prep), daemon=True, name="po-batch-prep")
-        self.proc.start()  # returns once the child has read the pickled prep
+        resource_tracker.ensure_running()  # a first start of it would unblock INT and TERM in this thread
+        with blocked():
+            self.proc.start()  # returns once the child has read the pickled prep
         child.close()
         self.rows = collections.deque()  # (k, row)
         self.since = time.monotonic()    # when its first row began (or the process did)
