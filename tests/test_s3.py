@@ -261,7 +261,9 @@ def test_parquet_on_s3_resumed_after_sigkill_writes_each_row_once_and_a_reader_s
 @pytest.mark.slow
 def test_webdataset_on_s3_shared_by_two_concurrent_workers_scores_each_key_once(s3, bucket, tiny_qwen3_vl, tmp_path):
     want = build_shards(tmp_path)
-    for i in range(5):  # plain shards, so that two workers have units to share
+    # plain shards, so that two workers have units to share: enough that the one that takes the plan lock second
+    # (a lock poll, the plan's read and the model's load behind) still finds units left to claim
+    for i in range(24):
         members = []
         for j in range(6):
             key = f"{10 + i:05d}{j:04d}"

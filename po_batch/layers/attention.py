@@ -5,7 +5,6 @@ Without flash-attn, Gemma2's soft-capped scores (no torch kernel caps them) take
 exact, and slow (a Python loop over sequences, each one's scores materialised)."""
 
 import functools
-import inspect
 
 import torch
 import torch.nn.functional as F
@@ -23,15 +22,13 @@ def _flash_attn():
 
 
 @functools.cache
-def _torch_varlen():
-    """torch.nn.attention.varlen.varlen_attn and how to call it: its signature changed between torch releases
-    (2.11 takes `is_causal` and equal head counts; 2.14 takes `window_size` and `enable_gqa`)."""
-    try:
-        from torch.nn.attention.varlen import varlen_attn
-    except ImportError:
-        return None
-    params = inspect.signature(varlen_attn).parameters
-    return varlen_attn, "window_size" in params, "enable_gqa" in params, "scale" in params
+def _torch_flash() -> bool:
+    """torch's own varlen flash kernel (CUDA builds): called as the aten op, whose signature is the same on 2.11 and
+    2.14 (grouped K/V heads, a scale and a window on both), not through torch.nn.attention.varlen.varlen_attn, whose
+    signature changed between those releases and which on newer ones picks cuDNN's ragged kernel on Hopper: 40 ms
+    a call against the flash kernel's 0.25 ms at the engine's shapes (bench_attention.py, torch 2.11, cuDNN 9.19)."""
+    available = getattr(torch.backends.cuda, "is_flash_attention_available", lambda: True)
+    return available() and hasattr(torch.ops.aten, "_flash_attention_forward")
 
 
 def backend(device: torch.device) -> str:
@@ -39,7 +36,7 @@ def backend(device: torch.device) -> str:
         return "sdpa"
     if _flash_attn() is not None:
         return "flash_attn"
-    if _torch_varlen() is not None:
+    if _torch_flash():
         return "torch_varlen"
     return "sdpa"
 
@@ -47,9 +44,8 @@ def backend(device: torch.device) -> str:
 # Equal-length sequences (a batch of same-size images) take the dense batched path on CUDA, where cuDNN's
 # Hopper attention kernel is faster than the varlen flash kernel. A switch so benchmarks can compare both.
 DENSE_WHEN_UNIFORM = True
-# Grouped-query attention goes straight to the flash kernel under torch's varlen_attn, which reads the shared K/V
-# heads itself; torch 2.11's wrapper accepts only equal head counts, and repeating K/V costs two copies a layer.
-# A switch so benchmarks can compare both.
+# Grouped-query attention: the flash kernel reads the shared K/V heads itself; repeating them costs two copies a
+# layer. A switch so benchmarks can compare both.
 GQA_DIRECT = True
 
 
@@ -75,26 +71,12 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: Va
         return _flash_attn()(q, k, v, meta.cu_q, meta.cu_k, meta.max_q, meta.max_k, softmax_scale=scale,
                              causal=causal, **kw)
     if kind == "torch_varlen" and softcap is None:
-        fn, has_window, has_gqa, has_scale = _torch_varlen()
-        wrapper_lacks = (window is not None and not has_window) or (scale is not None and not has_scale)
-        if (k.shape[1] != q.shape[1] and GQA_DIRECT) or wrapper_lacks:
-            # the flash kernel under the wrapper takes grouped K/V heads, a scale and a window on every release
-            kw = {} if window is None else {"window_size_left": span[0], "window_size_right": span[1]}
-            return torch.ops.aten._flash_attention_forward(q, k, v, meta.cu_q, meta.cu_k, meta.max_q, meta.max_k,
-                                                           0.0, causal, return_debug_mask=False, scale=scale,
-                                                           **kw)[0]
-        kw = {} if scale is None else {"scale": scale}
-        if k.shape[1] != q.shape[1]:
-            if has_gqa:
-                kw["enable_gqa"] = True
-            else:
-                rep = q.shape[1] // k.shape[1]
-                k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        if has_window:
-            kw["window_size"] = span
-        else:
-            kw["is_causal"] = causal
-        return fn(q, k, v, meta.cu_q, meta.cu_k, meta.max_q, meta.max_k, **kw)
+        if k.shape[1] != q.shape[1] and not GQA_DIRECT:  # the benchmarks' A/B: K/V heads repeated
+            rep = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        kw = {} if window is None else {"window_size_left": span[0], "window_size_right": span[1]}
+        return torch.ops.aten._flash_attention_forward(q, k, v, meta.cu_q, meta.cu_k, meta.max_q, meta.max_k, 0.0,
+                                                       causal, return_debug_mask=False, scale=scale, **kw)[0]
     return _sdpa(q, k, v, meta, causal, scale, softcap, window)
 
 
