@@ -1,5 +1,5 @@
-"""Attention kernels on the engine's own packed shapes, in isolation: torch's varlen flash kernel (what the engine
-runs today) against cuDNN's ragged kernel (the same packed layout, cumulative lengths) with grouped K/V heads read
+"""Attention kernels on the engine's own packed shapes, in isolation: torch's varlen flash kernel and po-batch's
+Triton causal kernel against cuDNN's ragged kernel (the same packed layout, cumulative lengths) with grouped K/V heads read
 directly or repeated, and SDPA over right-padded, length-sorted sequences (causal: a real query sees only real
 keys). Each variant's output is compared with the flash kernel's on the real rows; time is the median of CUDA-event
 timed repeats. Prints a table and writes JSON (card, versions, date, command).
@@ -15,6 +15,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchlib  # noqa: E402
+
+from po_batch.layers.triton_attention import causal_attention  # noqa: E402
 
 # name: (query heads, K/V heads, head dim, causal, sequence lengths (low, high), total tokens)
 SHAPES = {
@@ -100,11 +102,14 @@ def main():
         flops = 4 * pairs * hq * d
         ref = flash(q, k, v, cu, mx, causal).float()
         variants = {"flash_varlen": lambda: flash(q, k, v, cu, mx, causal),
+                    "triton_causal": (lambda: causal_attention(q, k, v, cu, cu, mx)) if causal else None,
                     "cudnn_ragged_gqa": lambda: cudnn(q, k, v, cu, mx, causal),
                     "cudnn_ragged_repeat_kv": lambda: cudnn_repeat(q, k, v, cu, mx, causal),
                     "sdpa_padded_sorted": lambda: padded(q, k, v, lens, causal, index)}
         result = {"tokens": t, "sequences": len(lens), "heads": [hq, hkv], "head_dim": d, "causal": causal}
         for vname, fn in variants.items():
+            if fn is None:
+                continue
             try:
                 out = fn()
                 err = float((out.float() - ref).abs().max())

@@ -100,7 +100,7 @@ def bench_pobatch(cfg, rows, fuse: bool | None = None, reps: int = 3, profile: b
     sync()
     t = time.perf_counter()
     pending = engine.launch(samples)
-    queued_s = time.perf_counter() - t  # the host's part: above ~1 the device waits for the host
+    queued_s = time.perf_counter() - t  # bounded by the device's once CUDA's launch queue is full: see --profile
     pending.result()
     tensors = [*engine.model.parameters(), *engine.model.buffers()]  # fp8 weights are buffers
     weights = sum(t.numel() * t.element_size() for t in tensors) + engine.head.rows.nbytes
@@ -145,7 +145,7 @@ def profile_table(fn, rows: int = 20) -> dict:
     kernels = [e for e in prof.key_averages() if e.device_type == DeviceType.CUDA and e.self_device_time_total > 0]
     total = sum(e.self_device_time_total for e in kernels)
     # attention first: the flash and cuDNN attention kernels' names also hold "cutlass" and "sm90_"
-    families = {"attention": r"flash|fmha|cudnn|attention", "gemm": r"nvjet|gemm|cutlass|xmma|sm90_",
+    families = {"attention": r"flash|fmha|cudnn|attention|_causal_fwd", "gemm": r"nvjet|gemm|cutlass|xmma|sm90_",
                 "fused_triton": r"^triton_", "copy": r"[Mm]emcpy|copy"}
     split = collections.Counter()
     for e in kernels:
@@ -235,6 +235,8 @@ def main():
     ap.add_argument("--varlen-only", default="qwen3_vl_2b", help="workloads also measured without dense attention")
     ap.add_argument("--profile", default="qwen3_vl_2b", help="workloads to profile (top device kernels)")
     ap.add_argument("--fp8", default="qwen3_vl_2b", help="workloads also measured with model.quantization: fp8")
+    ap.add_argument("--flash-only", default="qwen3_0_6b",
+                    help="workloads also measured with torch's flash kernel for causal attention instead of Triton")
     ap.add_argument("--repeat-kv", default="qwen3_vl_2b",
                     help="workloads also measured with K/V repeated for grouped heads (layers/attention.py)")
     ap.add_argument("--no-epilogue", default="qwen3_vl_2b",
@@ -261,13 +263,17 @@ def main():
             "task": {"prompt": VL_PROMPT if vision else TEXT_PROMPT},
             "image": {"max_pixels": max_pixels}, "run": {"batch_tokens": int(budget or 16384)}})
         rows = rows_for(kind, n)
-        eager = varlen = fp8 = no_epilogue = repeat_kv = None
+        eager = varlen = fp8 = no_epilogue = repeat_kv = flash_only = None
         if name in args.eager.split(","):  # before/after of the fused (torch.compile) graphs, same run
             eager = {k: v for k, v in bench_pobatch(cfg, rows, fuse=False).items() if k not in ("logits", "samples")}
         if name in args.varlen_only.split(","):  # before/after of the dense attention path for same-size images
             attention.DENSE_WHEN_UNIFORM = False
             varlen = {k: v for k, v in bench_pobatch(cfg, rows).items() if k not in ("logits", "samples")}
             attention.DENSE_WHEN_UNIFORM = True
+        if name in args.flash_only.split(","):  # before/after of the Triton causal kernel
+            attention.TRITON_CAUSAL = False
+            flash_only = {k: v for k, v in bench_pobatch(cfg, rows).items() if k not in ("logits", "samples")}
+            attention.TRITON_CAUSAL = True
         if name in args.repeat_kv.split(","):
             attention.GQA_DIRECT = False
             repeat_kv = {k: v for k, v in bench_pobatch(cfg, rows).items() if k not in ("logits", "samples")}
@@ -305,7 +311,7 @@ def main():
         w = {"samples": n, "flops_per_sample": flops,
              "pobatch": {k: v for k, v in ours.items() if k not in ("logits", "samples")}, "pobatch_eager": eager,
              "pobatch_varlen_only": varlen, "pobatch_fp8": fp8, "pobatch_no_gelu_epilogue": no_epilogue,
-             "pobatch_repeat_kv": repeat_kv,
+             "pobatch_repeat_kv": repeat_kv, "pobatch_flash_only": flash_only,
              "transformers": theirs["by_batch"], "transformers_best_batch": int(best_b),
              "speedup_vs_best": ours["samples_per_s"] / best,
              "speedup_vs_b32": ours["samples_per_s"] / theirs["by_batch"]["32"]["samples_per_s"]

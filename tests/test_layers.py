@@ -1,6 +1,7 @@
 """Shared layers against plain references: varlen attention (causal, last-position queries, GQA, the dense path
 for equal lengths; Gemma2's score scale, soft-cap and sliding window) and M-RoPE frequency layouts."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -78,6 +79,36 @@ def test_scale_soft_cap_and_sliding_window_match_eager_math(device, kv_heads, sc
     meta = Varlen.from_lens(lens, device, [1] * 5, key_rows=reverse)
     got = varlen_attention(dev(q[last]), dev(k.flip(0)), dev(v.flip(0)), meta, True, scale, softcap, window)
     assert torch.allclose(got.float().cpu(), want[last], atol=tol)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="a Triton kernel: CUDA only")
+@pytest.mark.parametrize("kv_heads,dim", [(2, 128), (8, 128), (4, 64)])
+def test_the_triton_causal_kernel_matches_eager_math_whole_and_from_last_positions(kv_heads, dim):
+    """Sequences shorter and longer than its blocks (1 to 300), grouped K/V heads, and the last layer's queries
+    (each sequence's last position only, its keys gathered through key_rows)."""
+    from po_batch.layers import attention
+
+    torch.manual_seed(4)
+    lens = [1, 17, 64, 65, 128, 129, 300, 5]
+    t = sum(lens)
+    q, k, v = torch.randn(t, 8, dim), torch.randn(t, kv_heads, dim), torch.randn(t, kv_heads, dim)
+    want = reference(q, k, v, lens, True)
+    dev = lambda x: x.to("cuda", torch.bfloat16)  # noqa: E731
+    assert attention._triton_applies(dev(q), dev(k), dev(v))
+    got = varlen_attention(dev(q), dev(k), dev(v), Varlen.from_lens(lens, "cuda"), True)
+    assert torch.allclose(got.float().cpu(), want, atol=3e-2)
+    last = torch.tensor(np.cumsum(lens) - 1)
+    reverse = torch.arange(t - 1, -1, -1).to("cuda")
+    meta = Varlen.from_lens(lens, "cuda", [1] * len(lens), key_rows=reverse)
+    got = varlen_attention(dev(q[last]), dev(k.flip(0)), dev(v.flip(0)), meta, True)
+    assert torch.allclose(got.float().cpu(), want[last], atol=3e-2)
+    attention.TRITON_CAUSAL = False  # the flash kernel on the same inputs: the two agree
+    try:
+        flash = varlen_attention(dev(q), dev(k), dev(v), Varlen.from_lens(lens, "cuda"), True)
+    finally:
+        attention.TRITON_CAUSAL = True
+    got = varlen_attention(dev(q), dev(k), dev(v), Varlen.from_lens(lens, "cuda"), True)
+    assert (got.float() - flash.float()).abs().max() < 3e-2
 
 
 def test_dense_path_for_equal_lengths_matches_varlen():

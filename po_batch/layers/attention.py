@@ -1,5 +1,6 @@
 """Variable-length attention over packed sequences: flash-attn's varlen kernel when installed, torch's
-varlen kernel on CUDA otherwise, and SDPA one sequence at a time on the CPU. Each sequence sees only itself.
+varlen kernel on CUDA otherwise (the decoders' causal attention through po-batch's Triton kernel,
+layers/triton_attention.py), and SDPA one sequence at a time on the CPU. Each sequence sees only itself.
 
 Without flash-attn, Gemma2's soft-capped scores (no torch kernel caps them) take the per-sequence path on CUDA too:
 exact, and slow (a Python loop over sequences, each one's scores materialised)."""
@@ -47,6 +48,15 @@ DENSE_WHEN_UNIFORM = True
 # Grouped-query attention: the flash kernel reads the shared K/V heads itself; repeating them costs two copies a
 # layer. A switch so benchmarks can compare both.
 GQA_DIRECT = True
+# Causal attention (the decoders) through po-batch's Triton kernel (layers/triton_attention.py) rather than torch's
+# varlen flash kernel, where it applies: no window or soft-cap, head dim 64 or 128, half precision. A switch so
+# benchmarks can compare both.
+TRITON_CAUSAL = True
+
+
+def _triton_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    return (TRITON_CAUSAL and q.shape[-1] in (64, 128) and q.dtype in (torch.bfloat16, torch.float16)
+            and q.stride(-1) == k.stride(-1) == v.stride(-1) == 1)
 
 
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: Varlen, causal: bool,
@@ -70,6 +80,10 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: Va
         kw = {} if plain else {"window_size": span, "softcap": softcap or 0.0}
         return _flash_attn()(q, k, v, meta.cu_q, meta.cu_k, meta.max_q, meta.max_k, softmax_scale=scale,
                              causal=causal, **kw)
+    if kind == "torch_varlen" and causal and plain and _triton_applies(q, k, v):
+        from po_batch.layers.triton_attention import causal_attention
+
+        return causal_attention(q, k, v, meta.cu_q, meta.cu_k, meta.max_q, scale)
     if kind == "torch_varlen" and softcap is None:
         if k.shape[1] != q.shape[1] and not GQA_DIRECT:  # the benchmarks' A/B: K/V heads repeated
             rep = q.shape[1] // k.shape[1]
