@@ -12,6 +12,7 @@ from test_pipeline import (
     assert_each_input_row_once,
     build_corpus,
     claim_files,
+    corpus,  # noqa: F401 (a fixture: the module's corpus, built as test_pipeline builds its own)
     finish,
     kill_group,
     markers,
@@ -28,12 +29,6 @@ from test_pipeline import (
 from po_batch.config import ConfigError, config_from_dict, config_to_dict, engines_count
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    root = tmp_path_factory.mktemp("corpus")
-    return root, build_corpus(root)
 
 
 @pytest.fixture(scope="module")

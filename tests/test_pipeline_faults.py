@@ -16,6 +16,7 @@ from test_pipeline import (
     assert_each_input_row_once,
     build_corpus,
     claim_files,
+    corpus,  # noqa: F401 (a fixture: the module's corpus, built as test_pipeline builds its own)
     finish,
     kill_group,
     markers,
@@ -32,12 +33,6 @@ from test_pipeline import (
 )
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    root = tmp_path_factory.mktemp("corpus")
-    return root, build_corpus(root)
 
 
 def committed(out) -> dict[str, tuple[bytes, int]]:

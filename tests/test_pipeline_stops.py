@@ -18,6 +18,7 @@ from test_pipeline import (
     assert_each_input_row_once,
     build_corpus,
     claim_files,
+    corpus,  # noqa: F401 (a fixture: the module's corpus, built as test_pipeline builds its own)
     finish,
     kill_group,
     markers,
@@ -35,12 +36,6 @@ from po_batch.data.readers.base import UnitReadError
 from po_batch.data.readers.parquet import read_unit
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    root = tmp_path_factory.mktemp("corpus")
-    return root, build_corpus(root)
 
 
 def corrupt_a_page(path) -> bytes:
