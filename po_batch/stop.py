@@ -18,10 +18,15 @@ _EARLY: list[int] = []  # SIGUSR1s that came before a Stop was installed
 
 def hold_usr1() -> None:
     """Keep a SIGUSR1 (Slurm's warning before the time limit) that comes before any Stop is installed, for the
-    Stop that `install`s next, instead of its default action, which kills: the CLI calls this first thing. At exit,
-    ignore it: the interpreter's teardown (a second or more with torch loaded) restores default actions, and a
-    warning then would kill a run that has finished (exit 138 fails a Slurm task whose work is all committed)."""
+    Stop that `install`s next, instead of its default action, which kills: the CLI calls this first thing."""
     signal.signal(signal.SIGUSR1, lambda signum, _frame: _EARLY.append(signum))
+    ignore_usr1_at_exit()
+
+
+def ignore_usr1_at_exit() -> None:
+    """At exit, ignore SIGUSR1: the interpreter's teardown (a second or more with torch loaded) restores default
+    actions, and a warning then would kill a process whose run has finished (exit 138 fails a Slurm task whose
+    work is all committed). Each entry point (the CLI, an engine process) calls this once."""
     atexit.register(signal.signal, signal.SIGUSR1, signal.SIG_IGN)
 
 

@@ -9,6 +9,8 @@ import sys
 import textwrap
 import time
 
+import pytest
+
 from po_batch.stop import blocked
 
 
@@ -33,19 +35,21 @@ def test_a_repeated_warning_is_the_same_request_and_only_a_second_term_aborts():
     assert p.returncode == 128 + signal.SIGTERM and out.split() == ["SIGUSR1"], (p.returncode, out, err)
 
 
-def test_a_warning_while_a_finished_cli_tears_down_does_not_kill_it():
+@pytest.mark.parametrize("entry", ["po_batch.cli", "po_batch.launch.child"])
+def test_a_warning_while_a_finished_entry_point_tears_down_does_not_kill_it(entry):
     """Python restores default actions early in its teardown, and a teardown with torch loaded lasts a second or
-    more: a Slurm warning then killed a task whose run had finished (exit 138, the task FAILED)."""
-    p = python("""
+    more: a Slurm warning then killed a task whose run had finished (exit 138, the task FAILED). The CLI and an
+    engine process of the local launcher are the two entry points."""
+    p = python(f"""
         import os, subprocess, time
-        import po_batch.cli
+        import {entry}
 
         class SlowTeardown:  # a module global: torn down after the interpreter restored default actions
             def __del__(self):
                 time.sleep(2)
 
         slow = SlowTeardown()
-        subprocess.Popen(["sh", "-c", f"sleep 0.5; kill -USR1 {os.getpid()}"])
+        subprocess.Popen(["sh", "-c", f"sleep 0.5; kill -USR1 {{os.getpid()}}"])
         """)
     out, err = p.communicate(timeout=60)
     assert p.returncode == 0, (p.returncode, out, err)

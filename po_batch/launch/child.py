@@ -7,7 +7,9 @@ import sys
 import threading
 import traceback
 
-from po_batch.stop import Stop, unblock
+from po_batch.stop import Stop, ignore_usr1_at_exit, unblock
+
+ignore_usr1_at_exit()  # an engine process's teardown is as long as the CLI's
 
 
 def main() -> int:
