@@ -71,13 +71,12 @@ class Stop:
             tell(self.reason)
 
     def on_signal(self, signum, _frame) -> None:
-        if signum == signal.SIGUSR1 and self.reason is not None:
-            return  # the warning again (a requeued task is warned anew): not a request to abort
-        self.signals += signum != signal.SIGUSR1
-        if self.signals > 1:
-            if self.on_abort is not None:
-                self.on_abort()
-            os._exit(128 + signum)  # the claims held expire, or are seen dead, later
+        if signum != signal.SIGUSR1:  # a USR1 again is the warning again (a requeued task is warned anew)
+            self.signals += 1
+            if self.signals > 1:
+                if self.on_abort is not None:
+                    self.on_abort()
+                os._exit(128 + signum)  # the claims held expire, or are seen dead, later
         self.request(signal.Signals(signum).name)
 
     def install(self) -> dict:

@@ -1,8 +1,8 @@
 """Attention kernels on the engine's own packed shapes, in isolation: torch's varlen flash kernel and po-batch's
-Triton causal kernel against cuDNN's ragged kernel (the same packed layout, cumulative lengths) with grouped K/V heads read
-directly or repeated, and SDPA over right-padded, length-sorted sequences (causal: a real query sees only real
-keys). Each variant's output is compared with the flash kernel's on the real rows; time is the median of CUDA-event
-timed repeats. Prints a table and writes JSON (card, versions, date, command).
+Triton causal kernel against cuDNN's ragged kernel (the same packed layout, cumulative lengths) with grouped K/V
+heads read directly or repeated, and SDPA over right-padded, length-sorted sequences (causal: a real query sees
+only real keys). Each variant's output is compared with the flash kernel's on the real rows; time is the median of
+CUDA-event timed repeats. Prints a table and writes JSON (card, versions, date, command).
     python3 scripts/bench_attention.py --out bench/results/attention.json"""
 
 import argparse

@@ -43,9 +43,6 @@ WORKLOADS = {  # name: (checkpoint, image sizes or None, max_pixels)
 }
 
 
-HF_BATCHES = (16, 32, 64, 128)  # transformers' best of these is the baseline
-
-
 def rows_for(kind: str | None, n: int) -> list[tuple[object, dict]]:
     rng = np.random.default_rng(1)
     if kind is None:
@@ -188,7 +185,7 @@ def hf_inputs(ckpt_dir, rows, cfg, batch: int):
     return out
 
 
-def bench_hf(ckpt_dir, rows, cfg, token_ids, batches=(16, 32, 64)) -> dict:
+def bench_hf(ckpt_dir, rows, cfg, token_ids, batches) -> dict:
     import transformers as tf
 
     vision = rows[0][0] is not None
@@ -299,7 +296,7 @@ def main():
             print(f"{name} fp8: {fp8}", flush=True)
         if base not in hf_runs:  # once per workload: its @N variants differ in po-batch's budget only
             hf_runs[base] = bench_hf(ckpt, rows, cfg, open_spec(cfg, "cpu", "float32", 0).tasks.candidates,
-                                     (4, 8) if args.cpu_smoke else HF_BATCHES)
+                                     (4, 8) if args.cpu_smoke else benchlib.HF_BATCHES)
         theirs = hf_runs[base]
         cfg_json = json.loads((ckpt / "config.json").read_text())
         image_token = open_checkpoint(str(ckpt)).image_token_id

@@ -94,7 +94,8 @@ def bench_pobatch(cfg, rows, reps: int) -> dict:
     task = spec.tasks.tasks[""]
     values = task.scores(spec.tasks.split(readout)[""])
     out = {"rows_per_s": len(rows) / dt, "peak_gib": peak_gib(), "warmup_s": warmup_s, "fused": engine.fuse,
-           "attention": engine.attention, "batch_tokens": engine.batch_tokens, "mean_tokens": float(np.mean([s.tokens for s in samples])),
+           "attention": engine.attention, "batch_tokens": engine.batch_tokens,
+           "mean_tokens": float(np.mean([s.tokens for s in samples])),
            "weights_gib": sum(p.numel() * p.element_size() for p in engine.model.parameters()) / 2 ** 30,
            "values": values if task.head == "hidden" else task.probs(values)[:, 0], "samples": samples}
     del engine
@@ -199,7 +200,7 @@ def main():
         rows = rows_for(base, args.rows)
         ours = bench_pobatch(config(base, ckpt, int(budget or 16384)), rows, args.reps)
         if base not in hf_runs:  # once per workload: its @N variants differ in po-batch's budget only
-            hf_runs[base] = bench_hf(base, ckpt, rows, (4, 8) if args.cpu_smoke else (16, 32, 64, 128), args.reps)
+            hf_runs[base] = bench_hf(base, ckpt, rows, (4, 8) if args.cpu_smoke else benchlib.HF_BATCHES, args.reps)
         theirs = hf_runs[base]
         cfg_json = json.loads((ckpt / "config.json").read_text())
         flops = float(np.mean([benchlib.model_flops(cfg_json, s.tokens - (s.grid[1] * s.grid[2] // 4 if s.grid else 0),

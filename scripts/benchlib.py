@@ -41,6 +41,8 @@ TEXT_MODELS = {"qwen3_0_6b": QWEN3_06B, "gemma_2b": GEMMA_2B, "gemma2_9b": GEMMA
 LLAVA_NEXT_7B = json.loads((CONFIGS / "llava-v1.6-mistral-7b-hf" / "config.json").read_text())
 LLAVA_PINPOINTS = LLAVA_NEXT_7B["image_grid_pinpoints"]
 
+HF_BATCHES = (16, 32, 64, 128)  # transformers' best of these batch sizes is a benchmark's baseline
+
 PUBLISHED = {"qwen3_vl_2b": "Qwen3-VL-2B-Instruct", "qwen2_vl_2b": "Qwen2-VL-2B-Instruct",
              "qwen2_5_vl_3b": "Qwen2.5-VL-3B-Instruct"}
 

@@ -128,7 +128,8 @@ torch.manual_seed(5)
 worst = 0.0
 for kv_heads, dim in [(2, 16), (8, 16), (4, 32)]:
     lens = [1, 17, 40, 33, 3]
-    q, k, v = torch.randn(sum(lens), 8, dim), torch.randn(sum(lens), kv_heads, dim), torch.randn(sum(lens), kv_heads, dim)
+    t = sum(lens)
+    q, k, v = torch.randn(t, 8, dim), torch.randn(t, kv_heads, dim), torch.randn(t, kv_heads, dim)
     want = reference(q, k, v, lens, True)
     cu = torch.tensor(np.concatenate([[0], np.cumsum(lens)]), dtype=torch.int32)
     last = torch.tensor(np.cumsum(lens) - 1)

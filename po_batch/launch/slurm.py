@@ -7,12 +7,15 @@ Arrays over the cluster's MaxArraySize are submitted in pieces, each with the in
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 SIGNAL = "USR1"  # what Slurm sends before the time limit; po-batch stops on it, like on TERM, and then requeues
+# a task's exit code when the warning's default action killed it (before po-batch could install its handler)
+KILLED_BY_WARNING = 128 + signal.Signals[f"SIG{SIGNAL}"]
 DEFAULT_MAX_ARRAY_SIZE = 1001  # Slurm's own default, when scontrol cannot tell
 
 
@@ -99,9 +102,10 @@ def script(job: ArrayJob, first: int) -> str:
         f'echo "{stamp} exit $rc"',
         "# 4: this task is done, other tasks hold the rest of the units: not a failure",
         'if [ "$rc" -eq 4 ]; then rc=0; fi',
-        f"# {128 + 10}: the warning (USR1) killed po-batch while Python started, before it could hear it: requeue",
+        f"# {KILLED_BY_WARNING}: the warning ({SIGNAL}) killed po-batch while Python started, before it could hear it: "
+        "requeue",
         "# this task as po-batch itself would have (its claims are seen dead, or expire)",
-        f'if [ "$rc" -eq {128 + 10} ]; then',
+        f'if [ "$rc" -eq {KILLED_BY_WARNING} ]; then',
         f'  echo "{stamp} killed by the time-limit warning while starting: requeueing Slurm job '
         '${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}"',
         '  scontrol requeue "${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}" && rc=0',
