@@ -294,7 +294,7 @@ class RerankTask(_Section):
     as the checkpoint's model card does (the recipe)."""
     kind: ClassVar[str] = "rerank"
     type: Literal["rerank"]
-    recipe: Literal["auto", "qwen3", "jina_m0", "jina_v3"] = "auto"
+    recipe: Literal["auto", "qwen3", "jina_m0", "jina_v3", "bge_gemma"] = "auto"
     query: NonEmptyStr
     document: str = ""
     instruction: NonEmptyStr | None = None  # null: the recipe's default

@@ -101,6 +101,15 @@ class Transformers:
                 inputs["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], torch.zeros_like(extra)], 1)
         return self._hidden(inputs)
 
+    def encode(self, text: str) -> list[int]:
+        tokenizer = self.proc.tokenizer if self.spec.ckpt.is_vision else self.proc
+        return tokenizer(text, add_special_tokens=False).input_ids
+
+    def last_logits_of(self, ids: list[int]) -> np.ndarray:
+        import torch
+
+        return self._logits({"input_ids": torch.tensor([ids], device=self.spec.device)}, 1)[-1].numpy()
+
     def lm_rows(self, ids: list[int]) -> np.ndarray:
         return self.model.get_output_embeddings().weight[ids].float().detach().cpu().numpy()
 

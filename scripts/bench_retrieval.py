@@ -2,10 +2,12 @@
 weights with the published shapes and the same inputs. Embeddings: Qwen3-VL-Embedding-2B shapes (the Qwen3-VL-2B
 config), 448x448 JPEGs, last-token pooling as its card does (transformers: the base model's last hidden state at
 the last non-padding position, normalized). Rerank: Qwen3-Reranker-0.6B shapes, ~300-token query/document pairs,
-its card's prompt (transformers: the card's tokens, left-padded, logits_to_keep=1, sigmoid of yes - no).
+its card's prompt (transformers: the card's tokens, left-padded, logits_to_keep=1, sigmoid of yes - no); and
+bge-reranker-v2-gemma shapes (Gemma-2B), the same pairs, its card's get_inputs tokens (left-padded,
+logits_to_keep=1, sigmoid of the "Yes" logit).
 Reports rows/s, the ratio, MFU against the card's measured bf16 matmul rate, peak GPU memory and bf16 parity.
 
-    python scripts/bench_retrieval.py [--workloads embed_qwen3_vl_2b,rerank_qwen3_0_6b] [--rows 512]
+    python scripts/bench_retrieval.py [--workloads embed_qwen3_vl_2b,rerank_qwen3_0_6b,rerank_bge_gemma] [--rows 512]
     python scripts/bench_retrieval.py --cpu-smoke     # tiny models on the CPU: checks the script itself
 """
 
@@ -26,11 +28,11 @@ import benchlib  # noqa: E402
 
 from po_batch.config import config_from_dict  # noqa: E402
 from po_batch.spec import open_spec  # noqa: E402
-from po_batch.tasks.recipes import QWEN3_INSTRUCTION, QWEN3_PREFIX, QWEN3_SUFFIX  # noqa: E402
+from po_batch.tasks.recipes import BGE_PROMPT, QWEN3_INSTRUCTION, QWEN3_PREFIX, QWEN3_SUFFIX, bge_ids  # noqa: E402
 
 WORDS = "the a photo of red blue green dog cat car tree house boat person building street light shadow window".split()
 SYSTEM = "Represent the user's input."  # Qwen3VLEmbedder's default instruction
-WORKLOADS = {"embed_qwen3_vl_2b": "qwen3_vl_2b", "rerank_qwen3_0_6b": "qwen3_0_6b"}
+WORKLOADS = {"embed_qwen3_vl_2b": "qwen3_vl_2b", "rerank_qwen3_0_6b": "qwen3_0_6b", "rerank_bge_gemma": "gemma_2b"}
 DEVICE, DTYPE = "cuda", "bfloat16"
 
 
@@ -117,14 +119,17 @@ def hf_embed_inputs(ckpt, rows, batch: int):
             for chunk in (rows[i:i + batch] for i in range(0, len(rows), batch))]
 
 
-def hf_rerank_inputs(ckpt, rows, batch: int):
+def hf_rerank_inputs(workload: str, ckpt, rows, batch: int):
     import transformers as tf
 
     tok = tf.AutoTokenizer.from_pretrained(ckpt, padding_side="left")
-    prefix = tok.encode(QWEN3_PREFIX, add_special_tokens=False)
-    suffix = tok.encode(QWEN3_SUFFIX, add_special_tokens=False)
-    ids = [prefix + tok(f"<Instruct>: {QWEN3_INSTRUCTION}\n<Query>: {f['query']}\n<Document>: {f['doc']}")[
-        "input_ids"] + suffix for _, f in rows]
+    enc = lambda s: tok.encode(s, add_special_tokens=False)  # noqa: E731
+    if workload == "rerank_bge_gemma":
+        ids = [bge_ids(enc, tok.bos_token_id, f["query"], f["doc"], BGE_PROMPT) for _, f in rows]
+    else:
+        prefix, suffix = enc(QWEN3_PREFIX), enc(QWEN3_SUFFIX)
+        ids = [prefix + tok(f"<Instruct>: {QWEN3_INSTRUCTION}\n<Query>: {f['query']}\n<Document>: {f['doc']}")[
+            "input_ids"] + suffix for _, f in rows]
     return [tok.pad({"input_ids": ids[i:i + batch]}, padding=True, return_tensors="pt").to(DEVICE)
             for i in range(0, len(ids), batch)]
 
@@ -138,6 +143,8 @@ def bench_hf(workload: str, ckpt, rows, batches, reps: int) -> dict:
     if not embed:
         tok = tf.AutoTokenizer.from_pretrained(ckpt)
         yes, no = tok.convert_tokens_to_ids("yes"), tok.convert_tokens_to_ids("no")
+        if workload == "rerank_bge_gemma":  # the card's yes_loc, and no "no"
+            yes, no = tok("Yes", add_special_tokens=False)["input_ids"][0], None
 
     def one(x):
         if embed:  # the last non-padding position (right padding), normalized
@@ -145,11 +152,11 @@ def bench_hf(workload: str, ckpt, rows, batches, reps: int) -> dict:
             last = x["attention_mask"].sum(1) - 1
             return torch.nn.functional.normalize(h[torch.arange(len(h), device=h.device), last].float(), dim=-1)
         logits = model(**x, logits_to_keep=1).logits[:, -1].float()
-        return torch.sigmoid(logits[:, yes] - logits[:, no])
+        return torch.sigmoid(logits[:, yes] - (0 if no is None else logits[:, no]))
 
     result, values = {}, None
     for b in batches:
-        inputs = (hf_embed_inputs if embed else hf_rerank_inputs)(ckpt, rows, b)
+        inputs = hf_embed_inputs(ckpt, rows, b) if embed else hf_rerank_inputs(workload, ckpt, rows, b)
         try:
             with torch.inference_mode():
                 one(inputs[0])

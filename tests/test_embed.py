@@ -1,7 +1,7 @@
 """embed end to end on tiny random checkpoints: last, mean and span pooling against transformers' own last hidden
 states of the same prompts (text-only Qwen3, Qwen2.5-VL and Qwen3-VL with images, and text rows on a vision
-model), Matryoshka truncation, the output types, the prompt options (system, raw, thinking off), and checkpoints
-saved without an LM head."""
+model), Matryoshka truncation, the output types, the prompt options (system, raw, thinking off), checkpoints
+saved without an LM head, and bge-multilingual-gemma2 against its model card's code."""
 
 import io
 import json
@@ -174,18 +174,19 @@ def test_thinking_is_off_in_qwen3_templates_and_system_and_template_are_in_the_f
         spec({"type": "embed", "dim": 65})
 
 
-def with_eos_post_processor(ckpt) -> None:
-    """Qwen3-Embedding's tokenizer appends <|endoftext|> to every text itself (a TemplateProcessing)."""
+def with_post_processor(ckpt, token: str, first: bool) -> None:
+    """The tokenizer puts `token` before (Gemma's <bos>) or after (Qwen3-Embedding's <|endoftext|>) every text
+    itself, through a TemplateProcessing, as the published tokenizers do."""
     path = ckpt / "tokenizer.json"
     tok = json.loads(path.read_text())
-    eot = next(t["id"] for t in tok["added_tokens"] if t["content"] == "<|endoftext|>")
-    tok["post_processor"] = {"type": "TemplateProcessing",
-                             "single": [{"Sequence": {"id": "A", "type_id": 0}},
-                                        {"SpecialToken": {"id": "<|endoftext|>", "type_id": 0}}],
-                             "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}},
-                                      {"SpecialToken": {"id": "<|endoftext|>", "type_id": 1}}],
-                             "special_tokens": {"<|endoftext|>": {"id": "<|endoftext|>", "ids": [eot],
-                                                                  "tokens": ["<|endoftext|>"]}}}
+    tid = next(t["id"] for t in tok["added_tokens"] if t["content"] == token)
+    special = lambda type_id: {"SpecialToken": {"id": token, "type_id": type_id}}  # noqa: E731
+    seq = lambda name, type_id: {"Sequence": {"id": name, "type_id": type_id}}  # noqa: E731
+    single, pair = [seq("A", 0)], [seq("A", 0), seq("B", 1)]
+    single, pair = ([special(0)] + single, [special(0)] + pair) if first else (single + [special(0)],
+                                                                               pair + [special(1)])
+    tok["post_processor"] = {"type": "TemplateProcessing", "single": single, "pair": pair,
+                             "special_tokens": {token: {"id": token, "ids": [tid], "tokens": [token]}}}
     path.write_text(json.dumps(tok))
 
 
@@ -193,7 +194,7 @@ def test_qwen3_embedding_layout_raw_prompt_with_the_tokenizers_eos(tmp_path):
     """Saved as Qwen3Model (no `model.` prefix, no LM head), the card's `Instruct: {task}\\nQuery:{text}` with no
     chat template and the tokenizer's own end-of-text token, pooled at that last token."""
     ckpt = build_checkpoint(tmp_path / "model", "qwen3", bare=True)
-    with_eos_post_processor(ckpt)
+    with_post_processor(ckpt, "<|endoftext|>", first=False)
     from safetensors import safe_open
     with safe_open(ckpt / "model.safetensors", "pt") as f:
         assert not any(k.startswith(("model.", "lm_head")) for k in f.keys())
@@ -212,6 +213,52 @@ def test_qwen3_embedding_layout_raw_prompt_with_the_tokenizers_eos(tmp_path):
                             "task": {"prompt": "Is it {text}?"}, "output": {"path": str(tmp_path / "yn")}})
     with pytest.raises(ModelError, match=r"the checkpoint has no LM head .* task\.type: embed needs none"):
         open_spec(cfg, "cpu", "float32", 0).load_engine()
+
+
+BGE_TASK = "Given a web search query, retrieve relevant passages that answer the query."
+
+
+def bge_gemma2_card(ckpt, input_texts: list[str]) -> np.ndarray:
+    """bge-multilingual-gemma2's model card: the tokenizer (its own <bos>, no EOS) over the padded batch,
+    AutoModel, last_token_pool, F.normalize. Eager attention: transformers' SDPA path drops Gemma2's soft-cap."""
+    import transformers as tf
+
+    def last_token_pool(last_hidden_states, attention_mask):
+        left_padding = attention_mask[:, -1].sum() == attention_mask.shape[0]
+        if left_padding:
+            return last_hidden_states[:, -1]
+        sequence_lengths = attention_mask.sum(dim=1) - 1
+        return last_hidden_states[torch.arange(last_hidden_states.shape[0]), sequence_lengths]
+
+    tokenizer = tf.AutoTokenizer.from_pretrained(ckpt)
+    model = tf.AutoModel.from_pretrained(ckpt, dtype=torch.float32, attn_implementation="eager").eval()
+    batch_dict = tokenizer(input_texts, max_length=4096, padding=True, truncation=True, return_tensors="pt")
+    assert (batch_dict["input_ids"][:, 0] == tokenizer.bos_token_id).all()
+    with torch.no_grad():
+        outputs = model(**batch_dict)
+    embeddings = last_token_pool(outputs.last_hidden_state, batch_dict["attention_mask"])
+    return torch.nn.functional.normalize(embeddings, p=2, dim=1).numpy()
+
+
+def test_bge_multilingual_gemma2_raw_prompt_with_the_tokenizers_bos_matches_its_model_card(tmp_path):
+    """Gemma2Model saved bare, the card's `<instruct>{task}\n<query>{query}` for queries and the plain text for
+    documents, no chat template, the tokenizer's own BOS and no EOS, last-token pooling, L2. The prompts are
+    longer than the tiny model's sliding window and its soft-caps bite (test_gemma)."""
+    ckpt = build_checkpoint(tmp_path / "model", "gemma2_model")
+    with_post_processor(ckpt, "<bos>", first=True)
+    texts = [t for t in TEXTS if t]
+    pq.write_table(pa.table({"id": [f"r{i}" for i in range(len(texts))], "text": texts}), tmp_path / "data.parquet")
+    prompt = f"<instruct>{BGE_TASK}\n<query>{{text}}"
+    for task, inputs in [({"prompt": prompt}, [prompt.format(text=t) for t in texts]), ({"prompt": "{text}"}, texts)]:
+        rows = run(ckpt, tmp_path, {"type": "embed", "template": "raw"} | task, f"out-{len(task['prompt'])}", False)
+        want = bge_gemma2_card(ckpt, inputs)
+        for row, w in zip(rows, want):
+            assert cosine_distance(np.array(row["embedding"]), w) <= COSINE
+            assert np.abs(np.array(row["embedding"]) - w).max() <= 1e-3
+    console = Console(file=io.StringIO(), width=200)
+    assert verify(config(ckpt, tmp_path, {"type": "embed", "template": "raw", "prompt": prompt}, "v", False), 4,
+                  "cpu", "float32", console) == 0
+    assert "4 row-questions compared" in console.file.getvalue() and "OK" in console.file.getvalue()
 
 
 def test_qwen3_vl_embedding_layout_without_an_lm_head(tmp_path):

@@ -1,7 +1,8 @@
 """rerank end to end on tiny random checkpoints, each recipe against a reference written here from its model card's
 code: transformers runs the backbone, the Jina heads are reimplemented on its hidden states. Qwen3-Reranker (text),
-Qwen3-VL-Reranker (image and text documents), jina-reranker-m0 (image and text documents) and jina-reranker-v3
-(listwise: several documents of a query in one prompt, blocks cut by query, by `task.block` and by unit)."""
+Qwen3-VL-Reranker (image and text documents), jina-reranker-m0 (image and text documents), jina-reranker-v3
+(listwise: several documents of a query in one prompt, blocks cut by query, by `task.block` and by unit) and
+bge-reranker-v2-gemma (its pieces tokenized apart, its truncation)."""
 
 import io
 
@@ -238,6 +239,55 @@ def test_jina_v3_listwise_matches_its_modeling_code(tmp_path, block, unit):
         assert all(rows[i]["raw_scores"] == [rows[i]["score"]] for i in group)
 
 
+# --- bge-reranker-v2-gemma: its model card's code ---------------------------------------------------------------
+
+LONG_QUERY, LONG_DOC = " ".join(["red cat"] * 500), " ".join(["a green tree house"] * 400)  # past 768 and 1024
+
+
+def bge_gemma_card(ckpt, pairs, prompt=None, max_length=1024):
+    """The bge-reranker-v2-gemma model card: get_inputs, then the logit of tokenizer("Yes")[0] at the last position.
+    transformers 5 has no prepare_for_model: its truncation="only_second" (transformers 4's truncate_sequences,
+    right side) is written out."""
+    tokenizer = tf.AutoTokenizer.from_pretrained(ckpt)
+    model = tf.AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
+    yes_loc = tokenizer("Yes", add_special_tokens=False)["input_ids"][0]
+    if prompt is None:
+        prompt = ("Given a query A and a passage B, determine whether the passage contains an answer to the query by "
+                  "providing a prediction of either 'Yes' or 'No'.")
+    sep = "\n"
+    prompt_inputs = tokenizer(prompt, return_tensors=None, add_special_tokens=False)["input_ids"]
+    sep_inputs = tokenizer(sep, return_tensors=None, add_special_tokens=False)["input_ids"]
+    out = []
+    for query, passage in pairs:
+        query_inputs = tokenizer(f"A: {query}", return_tensors=None, add_special_tokens=False,
+                                 max_length=max_length * 3 // 4, truncation=True)
+        passage_inputs = tokenizer(f"B: {passage}", return_tensors=None, add_special_tokens=False,
+                                   max_length=max_length, truncation=True)
+        ids, pair_ids = [tokenizer.bos_token_id] + query_inputs["input_ids"], sep_inputs + passage_inputs["input_ids"]
+        remove = len(ids) + len(pair_ids) - max_length
+        if remove > 0:
+            pair_ids = pair_ids[:-remove]
+        item = ids + pair_ids + sep_inputs + prompt_inputs
+        with torch.no_grad():
+            out.append(float(model(input_ids=torch.tensor([item])).logits[0, -1, yes_loc]))
+    return out
+
+
+@pytest.mark.parametrize("instruction", [None, "Is passage B about query A? Answer 'Yes' or 'No'."],
+                         ids=["card-prompt", "own-prompt"])
+def test_bge_reranker_v2_gemma_matches_its_model_card_with_its_truncation(tmp_path, instruction):
+    ckpt = build_checkpoint(tmp_path / "model", "gemma")
+    queries, docs = QUERIES + [LONG_QUERY, "cat", LONG_QUERY], DOCS + ["a cat", LONG_DOC, LONG_DOC]
+    pq.write_table(pa.table({"id": [f"r{i:02d}" for i in range(len(queries))], "query": queries, "doc": docs}),
+                   tmp_path / "data.parquet", row_group_size=4)
+    rows = run(ckpt, tmp_path, {"document": "{doc}", "instruction": instruction}, images=False)
+    tok = tf.AutoTokenizer.from_pretrained(ckpt)
+    assert len(tok(f"A: {LONG_QUERY}").input_ids) > 768 and len(tok(f"B: {LONG_DOC}").input_ids) > 1024
+    for row, logit in zip(rows, bge_gemma_card(ckpt, zip(queries, docs), instruction)):
+        assert abs(row["raw_scores"][0] - logit) <= TOL, row
+        assert abs(row["score"] - sigmoid(logit)) <= TOL
+
+
 def test_recipes_follow_the_checkpoint_and_a_wrong_one_is_refused(tmp_path):
     m0 = build_checkpoint(tmp_path / "m0", "jina_m0")
     qwen = build_checkpoint(tmp_path / "qwen", "qwen3")
@@ -251,8 +301,10 @@ def test_recipes_follow_the_checkpoint_and_a_wrong_one_is_refused(tmp_path):
             "task": {"type": "rerank", "query": "{query}"} | task, "output": {"path": str(tmp_path / "o")}}),
             "cpu", "float32", 0)
 
+    gemma = build_checkpoint(tmp_path / "gemma", "gemma")
     assert spec(m0, {}).tasks.tasks[""].name == "jina_m0"
     assert spec(qwen, {"document": "{doc}"}, images=False).tasks.tasks[""].name == "qwen3"
+    assert spec(gemma, {"document": "{doc}"}, images=False).tasks.tasks[""].name == "bge_gemma"
     with pytest.raises(ConfigError, match=r"task\.recipe: jina_v3 needs a JinaForRanking checkpoint"):
         spec(qwen, {"recipe": "jina_v3"}, images=False)
     with pytest.raises(ConfigError, match=r"task\.recipe: .* is a JinaVLForRanking, scored by its own head: use "
@@ -273,7 +325,8 @@ def test_recipes_follow_the_checkpoint_and_a_wrong_one_is_refused(tmp_path):
 
 @pytest.mark.parametrize("family,images,task", [
     ("qwen3", False, {"document": "{doc}"}), ("qwen3_vl", True, {}), ("jina_m0", True, {}),
-    ("jina_v3", False, {"document": "{doc}", "block": 3})], ids=["qwen3", "qwen3_vl", "jina_m0", "jina_v3"])
+    ("jina_v3", False, {"document": "{doc}", "block": 3}), ("gemma", False, {"document": "{doc}"})],
+    ids=["qwen3", "qwen3_vl", "jina_m0", "jina_v3", "bge_gemma"])
 def test_verify_compares_each_recipe_with_its_card(tmp_path, family, images, task):
     ckpt = build_checkpoint(tmp_path / "model", family)
     corpus(tmp_path, images)

@@ -35,6 +35,12 @@ class Oracle(Protocol):
         """The same for a prompt string as a model card writes it (its special tokens are tokens), tokenized by
         the checkpoint's processor with the row's image, and `append` added after."""
 
+    def encode(self, text: str) -> list[int]:
+        """`text`'s ids by the checkpoint's tokenizer, without its special tokens."""
+
+    def last_logits_of(self, ids: list[int]) -> np.ndarray:
+        """(V,) float32 logits of the model's LM head at the last position of a prompt given as ids."""
+
     def lm_rows(self, ids: list[int]) -> np.ndarray:
         """(k, H) float32 rows of the LM head."""
 

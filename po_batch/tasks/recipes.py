@@ -9,7 +9,11 @@ qwen3    Qwen3-Reranker (model card, and vLLM's examples/offline_inference/qwen3
 jina_m0  jina-reranker-m0 (its modeling.py, JinaVLForRanking): no chat template, "**Document**:\n{d}\n**Query**:\n{q}",
          token id 100 appended, score MLP at the last position, sigmoid(s - 2.65).
 jina_v3  jina-reranker-v3 (its modeling.py, JinaForRanking): listwise, one prompt holds up to 125 documents then the
-         query; a projector at each <|embed_token|> and at the query's <|rerank_token|>; cosine."""
+         query; a projector at each <|embed_token|> and at the query's <|rerank_token|>; cosine.
+bge_gemma  bge-reranker-v2-gemma (its model card's get_inputs, FlagEmbedding's FlagLLMReranker): no chat template,
+         [bos] + "A: {query}" + "\n" + "B: {doc}" + "\n" + its prompt, each piece tokenized alone without special
+         tokens, the query cut to 768 tokens and the pair to 1024; the logit of "Yes" at the last position,
+         sigmoid (compute_score(normalize=True))."""
 
 from dataclasses import dataclass
 
@@ -40,9 +44,16 @@ V3_SYSTEM = ("You are a search relevance expert who can determine a ranking of t
              "determining the ranking.")
 V3_PREFIX = f"<|im_start|>system\n{V3_SYSTEM}<|im_end|>\n<|im_start|>user\n"
 V3_DOC, V3_QUERY = "<|embed_token|>", "<|rerank_token|>"
+# bge-reranker-v2-gemma model card: get_inputs(prompt=None, max_length=1024)
+BGE_PROMPT = ("Given a query A and a passage B, determine whether the passage contains an answer to the query by "
+              "providing a prediction of either 'Yes' or 'No'.")
+BGE_MAX = 1024
+BGE_QUERY_MAX = BGE_MAX * 3 // 4
 S1, S2 = "\x00po-batch-query\x00", "\x00po-batch-document\x00"
 
-RECIPE_OF = {"JinaVLForRanking": "jina_m0", "JinaForRanking": "jina_v3"}  # config.json architectures[0]
+# recipe: auto, by config.json's architectures[0] (else qwen3); the Jina recipes read the head of their architecture
+RECIPE_OF = {"JinaVLForRanking": "jina_m0", "JinaForRanking": "jina_v3", "GemmaForCausalLM": "bge_gemma"}
+HEAD_OF = {"jina_m0": "JinaVLForRanking", "jina_v3": "JinaForRanking"}
 
 
 def _fmt(template: str, fields: dict) -> str:
@@ -253,4 +264,59 @@ def _sanitize(text: str) -> str:
     return text.replace(V3_DOC, "").replace(V3_QUERY, "")
 
 
-RECIPES = {"qwen3": Qwen3, "jina_m0": JinaM0, "jina_v3": JinaV3}
+@dataclass
+class BgeGemma:
+    pieces: Pieces               # its tokenizer: each piece tokenized alone, special tokens in rows as text
+    query: str
+    document: str
+    bos: int
+    prompt: str                  # the card's prompt (or task.instruction)
+    candidates: list[int]        # the first token of "Yes"
+    head = "logits"
+    width, outputs, block, midpoint = 1, 1, 1, 0.5
+
+    @classmethod
+    def build(cls, cfg: RerankTask, tokenizer, ckpt, image: bool) -> "BgeGemma":
+        if image:
+            raise ConfigError("input.image_column: bge_gemma ranks text documents; set it to null")
+        if tokenizer.bos_token_id is None:
+            raise PromptError("task.recipe: bge_gemma starts each prompt with the tokenizer's BOS, which it lacks")
+        pieces = Pieces(text_tokenizer(tokenizer.backend_tokenizer), None, axes=1)
+        yes = pieces.tokenizer.encode("Yes", add_special_tokens=False).ids
+        return cls(pieces, cfg.query, cfg.document, tokenizer.bos_token_id, cfg.instruction or BGE_PROMPT, yes[:1])
+
+    @property
+    def fixed(self) -> list:
+        return ["bge_gemma", self.prompt, BGE_QUERY_MAX, BGE_MAX]
+
+    def group(self, fields: dict):
+        return None
+
+    def encode(self, fields: dict, picture) -> dict:
+        enc = lambda s: self.pieces.tokenizer.encode(s, add_special_tokens=False).ids  # noqa: E731
+        ids = bge_ids(enc, self.bos, _fmt(self.query, fields), _fmt(self.document, fields), self.prompt)
+        return _one_row(np.array(ids, dtype=np.int32), np.arange(len(ids), dtype=np.int32)[None])
+
+    def raw(self, reads: Reads) -> np.ndarray:
+        return reads.cand[:, 0]
+
+    def score(self, raw: np.ndarray) -> np.ndarray:
+        return _sigmoid(raw[:, 0])
+
+    def reference(self, oracle: Oracle, rows: list[dict]) -> np.ndarray:
+        """The card's: get_inputs through the checkpoint's tokenizer, the logit of tokenizer("Yes")[0] at the last
+        position."""
+        ids = bge_ids(oracle.encode, self.bos, _fmt(self.query, rows[0]), _fmt(self.document, rows[0]), self.prompt)
+        return oracle.last_logits_of(ids)[oracle.encode("Yes")[:1]][None]
+
+
+def bge_ids(enc, bos: int, query: str, passage: str, prompt: str) -> list[int]:
+    """The card's get_inputs for one pair, `enc` tokenizing a piece alone without special tokens: the query cut
+    to 768 tokens, the passage to 1024, then prepare_for_model(truncation="only_second", max_length=1024) cuts
+    the end of the second part so [bos] + query + "\n" + passage holds at most 1024; "\n" + prompt after."""
+    first, sep = [bos] + enc(f"A: {query}")[:BGE_QUERY_MAX], enc("\n")
+    second = (sep + enc(f"B: {passage}")[:BGE_MAX])[:max(BGE_MAX - len(first), 0)]
+    return first + second + sep + enc(prompt)
+
+
+RECIPES = {"qwen3": Qwen3, "jina_m0": JinaM0, "jina_v3": JinaV3, "bge_gemma": BgeGemma}

@@ -7,7 +7,7 @@ import pyarrow as pa
 
 from po_batch.config import ConfigError, RerankTask
 from po_batch.tasks.base import Oracle, Reads, Task, list_array
-from po_batch.tasks.recipes import RECIPE_OF, RECIPES
+from po_batch.tasks.recipes import HEAD_OF, RECIPE_OF, RECIPES
 
 
 class Rerank(Task):
@@ -17,11 +17,11 @@ class Rerank(Task):
     def __init__(self, cfg: RerankTask, key: str, tokenizer, ckpt, image: bool):
         self.key = key
         self.name = RECIPE_OF.get(ckpt.architecture, "qwen3") if cfg.recipe == "auto" else cfg.recipe
-        needs = {v: k for k, v in RECIPE_OF.items()}.get(self.name)
+        needs = HEAD_OF.get(self.name)
         if needs is not None and ckpt.architecture != needs:
             raise ConfigError(f"{key}.recipe: {self.name} needs a {needs} checkpoint (its head's weights); "
                               f"{ckpt.dir} is a {ckpt.architecture}")
-        if self.name not in RECIPE_OF.values() and ckpt.architecture in RECIPE_OF:
+        if self.name not in HEAD_OF and ckpt.architecture in HEAD_OF.values():
             raise ConfigError(f"{key}.recipe: {ckpt.dir} is a {ckpt.architecture}, scored by its own head: use "
                               f"{RECIPE_OF[ckpt.architecture]} (or auto)")
         self.recipe = RECIPES[self.name].build(cfg, tokenizer, ckpt, image)
