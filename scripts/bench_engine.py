@@ -13,6 +13,7 @@ import json
 import math
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,7 @@ import benchlib  # noqa: E402
 
 from po_batch.config import config_from_dict  # noqa: E402
 from po_batch.layers import attention, mlp  # noqa: E402
+from po_batch.layers import compile as fusion  # noqa: E402
 from po_batch.models.registry import open_checkpoint  # noqa: E402
 from po_batch.spec import open_spec  # noqa: E402
 
@@ -113,6 +115,16 @@ def bench_pobatch(cfg, rows, fuse: bool | None = None, reps: int = 3, profile: b
     del spec, engine
     reset_memory()
     return result | {"logits": logits, "samples": samples}
+
+
+def multi_kernel(on: bool) -> None:
+    """Inductor's multi-kernel reductions on or off for the engines loaded from here on: their graphs are compiled
+    again (the cache is cleared)."""
+    import torch._dynamo
+
+    fusion.MULTI_KERNEL = on
+    fusion.FUSED.compiled.clear()
+    torch._dynamo.reset()
 
 
 def count_syncs(fn) -> int:
@@ -238,6 +250,9 @@ def main():
                     help="workloads also measured with K/V repeated for grouped heads (layers/attention.py)")
     ap.add_argument("--no-epilogue", default="qwen3_vl_2b",
                     help="workloads also measured without the cuBLASLt GELU epilogue (layers/mlp.py)")
+    ap.add_argument("--no-multi-kernel", default="qwen3_0_6b",
+                    help="workloads also measured (bf16, and fp8 where --fp8 names them) without inductor's "
+                         "multi-kernel reductions (layers/compile.py)")
     ap.add_argument("--cpu-smoke", action="store_true", help="a tiny model on the CPU, to check the script itself")
     args = ap.parse_args()
     global DEVICE, DTYPE
@@ -279,6 +294,19 @@ def main():
             mlp.GELU_EPILOGUE = False
             no_epilogue = {k: v for k, v in bench_pobatch(cfg, rows).items() if k not in ("logits", "samples")}
             mlp.GELU_EPILOGUE = True
+        single = single8 = None
+        if name in args.no_multi_kernel.split(","):  # first: then the default's graphs are compiled afresh too
+            multi_kernel(False)
+            try:
+                single = {k: v for k, v in bench_pobatch(cfg, rows).items() if k not in ("logits", "samples")}
+                if name in args.fp8.split(","):
+                    single8 = {k: v for k, v in bench_pobatch(cfg.model_copy(update={"model": cfg.model.model_copy(
+                        update={"quantization": "fp8"})}), rows).items() if k not in ("logits", "samples")}
+            except Exception:  # a failure here must not cost the rest of the run
+                single = {"error": traceback.format_exc()[-3000:]}
+            multi_kernel(True)
+            print(f"{name} without multi-kernel: {single.get('samples_per_s', single)}, fp8 "
+                  f"{single8 and single8['samples_per_s']}", flush=True)
         ours = bench_pobatch(cfg, rows, profile=name in args.profile.split(","))
         if name in args.fp8.split(","):  # the same rows with fp8 linear layers, against po-batch bf16
             cfg8 = cfg.model_copy(update={"model": cfg.model.model_copy(update={"quantization": "fp8"})})
@@ -309,6 +337,7 @@ def main():
              "pobatch": {k: v for k, v in ours.items() if k not in ("logits", "samples")}, "pobatch_eager": eager,
              "pobatch_varlen_only": varlen, "pobatch_fp8": fp8, "pobatch_no_gelu_epilogue": no_epilogue,
              "pobatch_repeat_kv": repeat_kv, "pobatch_flash_only": flash_only,
+             "pobatch_no_multi_kernel": single, "pobatch_fp8_no_multi_kernel": single8,
              "transformers": theirs["by_batch"], "transformers_best_batch": int(best_b),
              "speedup_vs_best": ours["samples_per_s"] / best,
              "speedup_vs_b32": ours["samples_per_s"] / theirs["by_batch"]["32"]["samples_per_s"]
