@@ -2,6 +2,7 @@
 once with one summary for the node, an engine process killed mid-run reported and its units taken over, a --restart
 with several engine processes while an older run is suspended, static shards split among them; run.gpus itself."""
 
+from contextlib import contextmanager
 import json
 import os
 import re
@@ -48,6 +49,36 @@ def records(out) -> list[dict]:
     return [json.loads(f.read_text()) for f in sorted(folder.glob("*.json"))] if folder.is_dir() else []
 
 
+def held_claims(out, engine: int) -> tuple[int | None, list[str]]:
+    """The pid of the engine process `engine` (once its record exists) and the units it holds claims on."""
+    rec = next((r for r in records(out) if r["engine"] == engine), None)
+    if rec is None:
+        return None, []
+    held = []
+    for name in claim_files(out):
+        try:
+            doc = json.loads((out / "_po_batch" / "claims" / name).read_text())
+        except (FileNotFoundError, ValueError):
+            continue
+        if owner_pid(doc) == rec["pid"]:
+            held.append(name.removesuffix(".claim"))
+    return rec["pid"], held
+
+
+@contextmanager
+def engine_0_stopped(out, p):
+    """Engine 0 stopped (SIGSTOP) from its start (its record, written before its model loads) until the block ends:
+    on a slow machine it scored every unit before another engine process had loaded its model (it did, once, in
+    CI). Its record is written after the plan's lock is released, so it holds no lock the others wait for."""
+    wait_for(lambda: held_claims(out, 0)[0] is not None, p, "engine 0 starting")
+    pid = held_claims(out, 0)[0]
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(pid, signal.SIGCONT)
+
+
 def assert_scores_equal(out, clean) -> None:
     got = output(out)
     for name in clean.column_names:
@@ -61,6 +92,8 @@ def test_several_engine_processes_score_every_unit_once_with_one_summary(corpus,
     out = tmp_path / "out"
     cfg = write_config(tmp_path / "config.yaml", tiny_qwen3_vl, [root / "data"], out, rows_per_unit=8)
     p = start(cfg, "--gpus", str(n), threads=1)
+    with engine_0_stopped(out, p):  # the engine processes load their models from the same start
+        wait_for(lambda: held_claims(out, n - 1)[0] is not None, p, f"engine {n - 1} starting")
     code, err = finish(p)
     assert code == 0, err
     assert_each_input_row_once(out, rows)
@@ -91,23 +124,14 @@ def test_a_killed_engine_process_is_reported_and_the_others_take_over_its_units(
     victim = {}
 
     def engine_1_holds_a_claim() -> bool:
-        rec = next((r for r in records(out) if r["engine"] == 1), None)
-        if rec is None:
-            return False
-        held = []
-        for name in claim_files(out):
-            try:
-                doc = json.loads((out / "_po_batch" / "claims" / name).read_text())
-            except (FileNotFoundError, ValueError):
-                continue
-            if owner_pid(doc) == rec["pid"]:
-                held.append(name.removesuffix(".claim"))
-        victim.update(pid=rec["pid"], held=held)
+        pid, held = held_claims(out, 1)
+        victim.update(pid=pid, held=held)
         return bool(held) and len(markers(out)) < len(plan_units(out)) - 4
 
     try:
-        wait_for(engine_1_holds_a_claim, p, "engine 1 holding a claim")
-        os.kill(victim["pid"], signal.SIGKILL)  # as the OOM killer would
+        with engine_0_stopped(out, p):
+            wait_for(engine_1_holds_a_claim, p, "engine 1 holding a claim")
+            os.kill(victim["pid"], signal.SIGKILL)  # as the OOM killer would
         code, err = finish(p)
     finally:
         kill_group(p)
