@@ -25,6 +25,7 @@ import benchlib  # noqa: E402
 from po_batch.config import config_from_dict  # noqa: E402
 from po_batch.layers import attention, mlp  # noqa: E402
 from po_batch.layers import compile as fusion  # noqa: E402
+from po_batch.layers import fp8 as fp8_layers  # noqa: E402
 from po_batch.models.registry import open_checkpoint  # noqa: E402
 from po_batch.spec import open_spec  # noqa: E402
 
@@ -120,9 +121,14 @@ def bench_pobatch(cfg, rows, fuse: bool | None = None, reps: int = 3, profile: b
 def multi_kernel(on: bool) -> None:
     """Inductor's multi-kernel reductions on or off for the engines loaded from here on: their graphs are compiled
     again (the cache is cleared)."""
+    fusion.MULTI_KERNEL = on
+    fresh_graphs()
+
+
+def fresh_graphs() -> None:
+    """The fused graphs are compiled again for the engines loaded from here on (after a switch they read)."""
     import torch._dynamo
 
-    fusion.MULTI_KERNEL = on
     fusion.FUSED.compiled.clear()
     torch._dynamo.reset()
 
@@ -253,6 +259,9 @@ def main():
     ap.add_argument("--no-multi-kernel", default="qwen3_0_6b",
                     help="workloads also measured (bf16, and fp8 where --fp8 names them) without inductor's "
                          "multi-kernel reductions (layers/compile.py)")
+    ap.add_argument("--inductor-quant", default="qwen3_vl_2b",
+                    help="workloads also measured in fp8 with inductor's fusion of each MLP's activation and "
+                         "quantization instead of the one-pass Triton kernel (layers/triton_quant.py)")
     ap.add_argument("--cpu-smoke", action="store_true", help="a tiny model on the CPU, to check the script itself")
     args = ap.parse_args()
     global DEVICE, DTYPE
@@ -275,7 +284,7 @@ def main():
             "task": {"prompt": VL_PROMPT if vision else TEXT_PROMPT},
             "image": {"max_pixels": max_pixels}, "run": {"batch_tokens": int(budget or 16384)}})
         rows = rows_for(kind, n)
-        eager = varlen = fp8 = no_epilogue = repeat_kv = flash_only = None
+        eager = varlen = fp8 = no_epilogue = repeat_kv = flash_only = inductor_quant = None
         if name in args.eager.split(","):  # before/after of the fused (torch.compile) graphs, same run
             eager = {k: v for k, v in bench_pobatch(cfg, rows, fuse=False).items() if k not in ("logits", "samples")}
         if name in args.varlen_only.split(","):  # before/after of the dense attention path for same-size images
@@ -322,6 +331,19 @@ def main():
             except Exception as e:  # a failure here must not cost the rest of the run
                 fp8 = {"error": f"{type(e).__name__}: {e}"}
             print(f"{name} fp8: {fp8}", flush=True)
+            if name in args.inductor_quant.split(",") and "error" not in fp8:
+                fp8_layers.TRITON_QUANT = False
+                fresh_graphs()
+                try:
+                    rq = bench_pobatch(cfg8, rows, profile=name in args.profile.split(","))
+                    inductor_quant = {k: v for k, v in rq.items() if k not in ("logits", "samples")}
+                    inductor_quant["triton_speedup"] = r8["samples_per_s"] / rq["samples_per_s"]
+                    inductor_quant["parity_vs_triton_quant"] = parity(rq["logits"], r8["logits"])
+                except Exception:
+                    inductor_quant = {"error": traceback.format_exc()[-3000:]}
+                fp8_layers.TRITON_QUANT = True
+                fresh_graphs()
+                print(f"{name} fp8 with inductor's quantization: {inductor_quant}", flush=True)
         if base not in hf_runs:  # once per workload: its @N variants differ in po-batch's budget only
             hf_runs[base] = bench_hf(ckpt, rows, cfg, open_spec(cfg, "cpu", "float32", 0).tasks.candidates,
                                      (4, 8) if args.cpu_smoke else benchlib.HF_BATCHES)
@@ -335,7 +357,8 @@ def main():
         best = theirs["by_batch"][best_b]["samples_per_s"]
         w = {"samples": n, "flops_per_sample": flops,
              "pobatch": {k: v for k, v in ours.items() if k not in ("logits", "samples")}, "pobatch_eager": eager,
-             "pobatch_varlen_only": varlen, "pobatch_fp8": fp8, "pobatch_no_gelu_epilogue": no_epilogue,
+             "pobatch_varlen_only": varlen, "pobatch_fp8": fp8, "pobatch_fp8_inductor_quant": inductor_quant,
+             "pobatch_no_gelu_epilogue": no_epilogue,
              "pobatch_repeat_kv": repeat_kv, "pobatch_flash_only": flash_only,
              "pobatch_no_multi_kernel": single, "pobatch_fp8_no_multi_kernel": single8,
              "transformers": theirs["by_batch"], "transformers_best_batch": int(best_b),

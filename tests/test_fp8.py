@@ -14,7 +14,9 @@ from rich.console import Console
 from torch import nn
 
 from po_batch.config import config_from_dict
+from po_batch.layers import fp8 as fp8_layers
 from po_batch.layers.fp8 import Fp8Linear, quantize_rows
+from po_batch.layers.mlp import MLP, GatedMLP, activation
 from po_batch.spec import open_spec
 from po_batch.tiny import build_checkpoint
 from po_batch.verify import verify
@@ -42,6 +44,53 @@ def test_fp8_linear_matches_the_linear_within_rounding():
     assert got.shape == want.shape and got.dtype == want.dtype
     assert (got - want).norm() / want.norm() < 0.05
     assert torch.allclose(fp8.part(x, 10, 50), got[:, 10:50])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="a Triton kernel: CUDA only")
+@pytest.mark.parametrize("act,gated", [("silu", True), ("gelu_pytorch_tanh", True), ("gelu_pytorch_tanh", False),
+                                       ("gelu", False), ("quick_gelu", False), (None, False)])
+def test_the_one_pass_activation_quantization_matches_the_ops_it_replaces_eager_and_compiled(act, gated):
+    from po_batch.layers.triton_quant import act_quant
+
+    torch.manual_seed(0)
+    n = 2500  # not a power of two: the whole-row kernel's block is masked, the chunked kernel's last chunk too
+    x = (torch.randn(300, 2 * n if gated else n, device="cuda") * torch.logspace(-2, 1, 300, device="cuda")[:, None]
+         ).bfloat16()
+    h = x if act is None else activation(act)(x[:, :n]) * x[:, n:] if gated else activation(act)(x)
+    want_q, want_s = quantize_rows(h)
+    q, s = act_quant(x, act, gated, chunked=False)
+    assert q.shape == (300, n) and q.dtype == torch.float8_e4m3fn and s.shape == (300, 1)
+    assert torch.allclose(s, want_s, rtol=1e-2)
+    back, want = q.float() * s, want_q.float() * want_s
+    # the kernel rounds act(gate) * up to bf16 once, eager rounds act(gate) first: an e4m3 step apart, rarely, and
+    # a row's maximum a bf16 step apart (its scale 2^-7 apart)
+    assert ((back - want).abs() <= want.abs() * (1 / 8 + 2.0 ** -6) + want_s * 2.0 ** -8).all()
+    assert (q.float() == want_q.float()).float().mean() > 0.97
+    if act is None:  # nothing rounded apart: the same e4m3 values
+        assert torch.equal(q.float(), want_q.float())
+    cq, cs = act_quant(x, act, gated, chunked=True)
+    assert torch.equal(cq.float(), q.float()) and torch.equal(cs, s)
+    cq, cs = torch.compile(act_quant, dynamic=True)(x[:211], act, gated)  # inside a graph, another row count
+    assert torch.equal(cq.float(), q[:211].float()) and torch.equal(cs, s[:211])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="a Triton kernel: CUDA only")
+@pytest.mark.parametrize("gated", [True, False])
+def test_an_fp8_mlp_on_cuda_takes_the_one_pass_kernel_and_equals_inductor_s_fusion_within_rounding(gated):
+    torch.manual_seed(0)
+    mlp = (GatedMLP(256, 704, "silu") if gated else MLP(256, 704, "quick_gelu")).cuda().bfloat16()
+    for name in ("down_proj", "gate_up_proj") if gated else ("fc1", "fc2"):
+        setattr(mlp, name, Fp8Linear(getattr(mlp, name)))
+    x = torch.randn(77, 256, device="cuda", dtype=torch.bfloat16)
+    assert mlp.down_proj.fuses(x) if gated else mlp.fc2.fuses(x)
+    with torch.inference_mode():  # as the engine runs (_scaled_mm has no derivative)
+        got = torch.compile(mlp.forward, dynamic=True)(x)
+        fp8_layers.TRITON_QUANT = False
+        try:
+            want = mlp(x)
+        finally:
+            fp8_layers.TRITON_QUANT = True
+    assert got.shape == want.shape and ((got - want).float().norm() / want.float().norm()) < 0.02
 
 
 def png(seed: int) -> bytes:

@@ -1,14 +1,22 @@
 """FP8 (e4m3) linear layers for `model.quantization: fp8`: each weight is quantized once at load with one scale
-per output channel; each activation per token, inside the compiled graph around the matmul, where the
-quantization fuses into the norm or activation that produces it. The matmul is torch._scaled_mm with rowwise
-scales, accumulating in float32 and writing the model's dtype, bias included."""
+per output channel; each activation per token, inside the compiled graph around the matmul: fused by inductor into
+the norm that produces it, or, for an MLP's activation and an attention output, in a one-pass Triton kernel
+(layers/triton_quant.py). The matmul is torch._scaled_mm with rowwise scales, accumulating in float32 and writing
+the model's dtype, bias included (on the CPU, where the tests run, the same e4m3 values are multiplied in
+float32)."""
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from po_batch.layers.linear import MergedLinear
 
 E4M3_MAX = 448.0
+
+# On CUDA, the activation before the second matmul of an MLP and its quantization run in one Triton kernel
+# (layers/triton_quant.py) instead of inductor's fusion of the same ops, and so does the quantization of an
+# attention output before its projection. A switch so that benchmarks can compare both.
+TRITON_QUANT = True
 
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -29,14 +37,40 @@ class Fp8Linear(nn.Module):
         self.out_features = linear.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.part(x, 0, self.out_features)
+        q, s = quantize_rows(x.reshape(-1, x.shape[-1]))
+        return self.matmul(q, s, x.shape[:-1], x.dtype)
 
     def part(self, x: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
-        q, s = quantize_rows(x.reshape(-1, x.shape[-1]))
-        bias = None if self.bias is None else self.bias[lo:hi]
-        y = torch._scaled_mm(q, self.weight[lo:hi].t(), scale_a=s, scale_b=self.scale[:, lo:hi].contiguous(),
-                             bias=bias, out_dtype=x.dtype)
-        return y.view(*x.shape[:-1], hi - lo)
+        """Output columns lo:hi, as the whole projection sliced: torch 2.11's inductor failed to lower _scaled_mm on
+        the slices (Qwen2-VL's biased K/V of the last layer, on an H200); the extra columns are those of one layer."""
+        return self(x)[..., lo:hi]
+
+    def fuses(self, h: torch.Tensor) -> bool:
+        """Whether after_activation runs its one-pass kernel on h."""
+        return TRITON_QUANT and h.is_cuda
+
+    def after_activation(self, h: torch.Tensor, act: str | None, gated: bool) -> torch.Tensor:
+        """self(act(h)), or self(act(gate) * up) when gated (h = gate then up), quantized in the same pass."""
+        from po_batch.layers.triton_quant import act_quant
+
+        q, s = act_quant(h.reshape(-1, h.shape[-1]), act, gated)
+        return self.matmul(q, s, h.shape[:-1], h.dtype)
+
+    def matmul(self, q: torch.Tensor, s: torch.Tensor, lead: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+        if q.is_cuda:
+            y = torch._scaled_mm(q, self.weight.t(), scale_a=s, scale_b=self.scale, bias=self.bias, out_dtype=dtype)
+        else:  # the same e4m3 values multiplied in float32 (torch 2.11's CPU _scaled_mm takes one scale per matrix)
+            y = F.linear(q.float() * s, self.weight.float() * self.scale.t(),
+                         None if self.bias is None else self.bias.float()).to(dtype)
+        return y.view(*lead, self.out_features)
+
+
+def project(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """linear(x) for an input that no fused op of the graph produces (an attention output): an Fp8Linear quantizes
+    it with the one-pass kernel, where inductor's kernel for a lone quantization is slower."""
+    if isinstance(linear, Fp8Linear) and linear.fuses(x):
+        return linear.after_activation(x, None, gated=False)
+    return linear(x)
 
 
 def quantize_fp8(model: nn.Module, keep: tuple[str, ...] = ("lm_head",)) -> int:

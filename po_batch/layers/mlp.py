@@ -4,6 +4,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from po_batch.layers.fp8 import Fp8Linear
 from po_batch.layers.linear import MergedLinear
 
 ACTIVATIONS = {
@@ -27,10 +28,13 @@ class GatedMLP(nn.Module):
         super().__init__()
         self.gate_up_proj = MergedLinear(dim, [hidden, hidden], bias=bias)
         self.down_proj = nn.Linear(hidden, dim, bias=bias)
-        self.act = activation(act)
+        self.act, self.act_name = activation(act), act
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        h = self.gate_up_proj(x)
+        if isinstance(self.down_proj, Fp8Linear) and self.down_proj.fuses(h):
+            return self.down_proj.after_activation(h, self.act_name, gated=True)
+        gate, up = h.chunk(2, dim=-1)
         return self.down_proj(self.act(gate) * up)
 
 
@@ -46,11 +50,14 @@ class MLP(nn.Module):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden, bias=bias)
         self.fc2 = nn.Linear(hidden, out or dim, bias=bias)
-        self.act = activation(act)
+        self.act, self.act_name = activation(act), act
         self.tanh_gelu = act == "gelu_pytorch_tanh"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if GELU_EPILOGUE and self.tanh_gelu and x.is_cuda and x.dim() == 2 and type(self.fc1) is nn.Linear \
                 and self.fc1.bias is not None:
             return self.fc2(torch._addmm_activation(self.fc1.bias, x, self.fc1.weight.t(), use_gelu=True))
-        return self.fc2(self.act(self.fc1(x)))
+        h = self.fc1(x)
+        if isinstance(self.fc2, Fp8Linear) and self.fc2.fuses(h):
+            return self.fc2.after_activation(h, self.act_name, gated=False)
+        return self.fc2(self.act(h))

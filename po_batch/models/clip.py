@@ -11,6 +11,7 @@ from torch import nn
 from po_batch.layers.attention import varlen_attention
 from po_batch.layers.compile import FUSED
 from po_batch.layers.context import get_context
+from po_batch.layers.fp8 import project
 from po_batch.layers.linear import MergedLinear
 from po_batch.layers.mlp import MLP
 from po_batch.models.vision import PatchEmbed
@@ -69,7 +70,7 @@ class EncoderLayer(nn.Module):
         return a.qkv_proj(self.layer_norm1(x)).view(-1, 3, a.heads, a.head_dim).unbind(1)
 
     def attn_out(self, x, o):
-        x = x + self.self_attn.out_proj(o.flatten(1))
+        x = x + project(self.self_attn.out_proj, o.flatten(1))
         return x + self.mlp(self.layer_norm2(x))
 
     def forward(self, x):

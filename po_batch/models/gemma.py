@@ -13,6 +13,7 @@ from torch import nn
 from po_batch.layers.attention import varlen_attention
 from po_batch.layers.compile import FUSED
 from po_batch.layers.context import get_context
+from po_batch.layers.fp8 import project
 from po_batch.layers.mlp import GatedMLP
 from po_batch.layers.norm import GemmaRMSNorm
 from po_batch.layers.rotary import inv_freq, mrope_cos_sin
@@ -61,7 +62,7 @@ class DecoderLayer(nn.Module):
         return self.self_attn.project(self.input_layernorm(x), cos, sin, reads)
 
     def attn_out(self, x, o):
-        x = x + self.self_attn.o_proj(o.flatten(1))
+        x = x + project(self.self_attn.o_proj, o.flatten(1))
         return x + self.mlp(self.post_attention_layernorm(x))
 
     def forward(self, x, cos, sin, reads: torch.Tensor | None = None):

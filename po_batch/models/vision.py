@@ -10,6 +10,7 @@ from torch import nn
 from po_batch.layers.attention import varlen_attention
 from po_batch.layers.compile import FUSED
 from po_batch.layers.context import get_context
+from po_batch.layers.fp8 import project
 from po_batch.layers.norm import RMSNorm
 from po_batch.layers.rotary import apply_rotary, inv_freq, vision_cos_sin
 from po_batch.models.qwen_text import PACKED, Decoder, TextConfig
@@ -96,7 +97,7 @@ class VisionBlock(nn.Module):
         return self.attn.project(self.norm1(x), cos, sin)
 
     def attn_out(self, x, o):
-        x = x + self.attn.proj(o.flatten(1))
+        x = x + project(self.attn.proj, o.flatten(1))
         return x + self.mlp(self.norm2(x))
 
     def forward(self, x, cos, sin, window: bool = False):
