@@ -46,6 +46,13 @@ def test_fp8_linear_matches_the_linear_within_rounding():
     assert torch.allclose(fp8.part(x, 10, 50), got[:, 10:50])
 
 
+def test_every_mlp_activation_has_its_one_pass_kernel_code():
+    from po_batch.layers.mlp import ACTIVATIONS
+    from po_batch.layers.triton_quant import ACTS
+
+    assert set(ACTIVATIONS) | {None} == set(ACTS) and len(set(ACTS.values())) == len(ACTS)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="a Triton kernel: CUDA only")
 @pytest.mark.parametrize("act,gated", [("silu", True), ("gelu_pytorch_tanh", True), ("gelu_pytorch_tanh", False),
                                        ("gelu", False), ("quick_gelu", False), (None, False)])
