@@ -1,5 +1,6 @@
 """Attention kernels on the engine's own packed shapes, in isolation: torch's varlen flash kernel and po-batch's
-Triton causal kernel against cuDNN's ragged kernel (the same packed layout, cumulative lengths) with grouped K/V
+Triton kernel (causal, and full for the vision towers) against cuDNN's dense kernel (same-size images: the path the
+engine took for them before) and its ragged kernel (the same packed layout, cumulative lengths) with grouped K/V
 heads read directly or repeated, and SDPA over right-padded, length-sorted sequences (causal: a real query sees
 only real keys). Each variant's output is compared with the flash kernel's on the real rows; time is the median of
 CUDA-event timed repeats. Prints a table and writes JSON (card, versions, date, command).
@@ -16,7 +17,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchlib  # noqa: E402
 
-from po_batch.layers.triton_attention import causal_attention  # noqa: E402
+from po_batch.layers.attention import _dense  # noqa: E402
+from po_batch.layers.triton_attention import triton_attention  # noqa: E402
 
 # name: (query heads, K/V heads, head dim, causal, sequence lengths (low, high), total tokens)
 SHAPES = {
@@ -25,6 +27,9 @@ SHAPES = {
     "qwen3_vl_2b_text_16k": (16, 8, 128, True, (240, 270), 16384),
     "qwen2_vl_2b_text_16k": (12, 2, 128, True, (240, 270), 16384),
     "qwen3_vl_2b_vision_784": (16, 16, 64, False, (784, 784), 16384 * 4),
+    "qwen2_vl_2b_vision_1024": (16, 16, 80, False, (1024, 1024), 16384 * 4),
+    "qwen3_vl_2b_vision_mixed": (16, 16, 64, False, (256, 4096), 16384 * 4),
+    "qwen2_5_vl_3b_vision_window": (16, 16, 80, False, (256, 256), 16384 * 4),
 }
 
 
@@ -102,7 +107,8 @@ def main():
         flops = 4 * pairs * hq * d
         ref = flash(q, k, v, cu, mx, causal).float()
         variants = {"flash_varlen": lambda: flash(q, k, v, cu, mx, causal),
-                    "triton_causal": (lambda: causal_attention(q, k, v, cu, cu, mx)) if causal else None,
+                    "triton": lambda: triton_attention(q, k, v, cu, cu, mx, causal),
+                    "cudnn_dense": (lambda: _dense(q, k, v, low)) if low == high and not causal else None,
                     "cudnn_ragged_gqa": lambda: cudnn(q, k, v, cu, mx, causal),
                     "cudnn_ragged_repeat_kv": lambda: cudnn_repeat(q, k, v, cu, mx, causal),
                     "sdpa_padded_sorted": lambda: padded(q, k, v, lens, causal, index)}

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchlib  # noqa: E402
 
 from po_batch.config import config_from_dict  # noqa: E402
-from po_batch.layers import attention, mlp  # noqa: E402
+from po_batch.layers import attention, mlp, residual  # noqa: E402
 from po_batch.layers import compile as fusion  # noqa: E402
 from po_batch.layers import fp8 as fp8_layers  # noqa: E402
 from po_batch.models.registry import open_checkpoint  # noqa: E402
@@ -84,7 +84,8 @@ def reset_memory() -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
-def bench_pobatch(cfg, rows, fuse: bool | None = None, reps: int = 3, profile: bool = False) -> dict:
+def bench_pobatch(cfg, rows, fuse: bool | None = None, reps: int = 3, profile: bool = False,
+                  host_profile: bool = False) -> dict:
     spec = open_spec(cfg, DEVICE, DTYPE, workers=0)
     engine = spec.load_engine(fuse=fuse)
     samples = [spec.prep(r) for r in rows]
@@ -113,9 +114,28 @@ def bench_pobatch(cfg, rows, fuse: bool | None = None, reps: int = 3, profile: b
         result["host_syncs_in_launch"] = count_syncs(lambda: engine.launch(samples[:128]).result())
     if profile and DEVICE == "cuda":
         result["profile"] = profile_table(lambda: engine.score(samples[:128]))
+    if host_profile:
+        result["host_profile"] = host_table(lambda: engine.launch(samples).result())
     del spec, engine
     reset_memory()
     return result | {"logits": logits, "samples": samples}
+
+
+def measured_with(cfg, rows, module, switch: str, value, fresh: bool = False) -> dict:
+    """po-batch's numbers with `module.switch` set to `value` for this measurement (then back); `fresh`: the fused
+    graphs are compiled again before and after."""
+    old = getattr(module, switch)
+    setattr(module, switch, value)
+    if fresh:
+        fresh_graphs()
+    try:
+        return {k: v for k, v in bench_pobatch(cfg, rows).items() if k not in ("logits", "samples")}
+    except Exception:  # a failure here must not cost the rest of the run
+        return {"error": traceback.format_exc()[-3000:]}
+    finally:
+        setattr(module, switch, old)
+        if fresh:
+            fresh_graphs()
 
 
 def multi_kernel(on: bool) -> None:
@@ -147,6 +167,25 @@ def count_syncs(fn) -> int:
     return sum("synchroniz" in str(w.message) for w in caught)
 
 
+def host_table(fn, rows: int = 25) -> list[dict]:
+    """Where the host's time goes while queuing the rows (cProfile, by own time): the functions that bound a
+    host-bound workload."""
+    import cProfile
+    import pstats
+
+    prof = cProfile.Profile()
+    prof.enable()
+    fn()
+    prof.disable()
+    stats = pstats.Stats(prof).stats
+    top = sorted(stats.items(), key=lambda kv: kv[1][2], reverse=True)[:rows]
+    out = [{"function": f"{Path(f).name}:{line}({name})", "calls": nc, "own_ms": tt * 1e3, "cum_ms": ct * 1e3}
+           for (f, line, name), (cc, nc, tt, ct, _) in top]
+    for r in out:
+        print(f"  host {r['own_ms']:8.2f} ms own {r['cum_ms']:8.2f} cum {r['calls']:7d}x  {r['function'][:90]}")
+    return out
+
+
 def profile_table(fn, rows: int = 20) -> dict:
     """Device time by kernel family (GEMM, attention, fused Triton, other) and the top kernels."""
     import re
@@ -160,7 +199,7 @@ def profile_table(fn, rows: int = 20) -> dict:
     kernels = [e for e in prof.key_averages() if e.device_type == DeviceType.CUDA and e.self_device_time_total > 0]
     total = sum(e.self_device_time_total for e in kernels)
     # attention first: the flash and cuDNN attention kernels' names also hold "cutlass" and "sm90_"
-    families = {"attention": r"flash|fmha|cudnn|attention|_causal_fwd", "gemm": r"nvjet|gemm|cutlass|xmma|sm90_",
+    families = {"attention": r"flash|fmha|cudnn|attention", "gemm": r"nvjet|gemm|cutlass|xmma|sm90_",
                 "fused_triton": r"^triton_", "copy": r"[Mm]emcpy|copy"}
     split = collections.Counter()
     for e in kernels:
@@ -262,6 +301,16 @@ def main():
     ap.add_argument("--inductor-quant", default="qwen3_vl_2b",
                     help="workloads also measured in fp8 with inductor's fusion of each MLP's activation and "
                          "quantization instead of the one-pass Triton kernel (layers/triton_quant.py)")
+    ap.add_argument("--no-triton-full", default="qwen3_vl_2b",
+                    help="workloads also measured with the vision towers' full attention through cuDNN (same-size "
+                         "images) or torch's flash kernel instead of the Triton kernel (layers/attention.py)")
+    ap.add_argument("--no-in-place", default="qwen3_0_6b",
+                    help="workloads also measured with the decoders' residual projections added out of place "
+                         "(layers/residual.py)")
+    ap.add_argument("--div-rn", default="",
+                    help="workloads also measured in fp8 with IEEE division in the one-pass quantization kernel "
+                         "instead of a reciprocal and a fused multiply-add (layers/triton_quant.py)")
+    ap.add_argument("--host-profile", default="", help="workloads whose queuing of the rows is profiled on the host")
     ap.add_argument("--cpu-smoke", action="store_true", help="a tiny model on the CPU, to check the script itself")
     args = ap.parse_args()
     global DEVICE, DTYPE
@@ -284,25 +333,22 @@ def main():
             "task": {"prompt": VL_PROMPT if vision else TEXT_PROMPT},
             "image": {"max_pixels": max_pixels}, "run": {"batch_tokens": int(budget or 16384)}})
         rows = rows_for(kind, n)
-        eager = varlen = fp8 = no_epilogue = repeat_kv = flash_only = inductor_quant = None
+        fp8 = inductor_quant = div_rn = None
+        eager = varlen = no_epilogue = repeat_kv = flash_only = no_triton_full = no_in_place = None
         if name in args.eager.split(","):  # before/after of the fused (torch.compile) graphs, same run
             eager = {k: v for k, v in bench_pobatch(cfg, rows, fuse=False).items() if k not in ("logits", "samples")}
         if name in args.varlen_only.split(","):  # before/after of the dense attention path for same-size images
-            attention.DENSE_WHEN_UNIFORM = False
-            varlen = {k: v for k, v in bench_pobatch(cfg, rows).items() if k not in ("logits", "samples")}
-            attention.DENSE_WHEN_UNIFORM = True
+            varlen = measured_with(cfg, rows, attention, "DENSE_WHEN_UNIFORM", False)
         if name in args.flash_only.split(","):  # before/after of the Triton causal kernel
-            attention.TRITON_CAUSAL = False
-            flash_only = {k: v for k, v in bench_pobatch(cfg, rows).items() if k not in ("logits", "samples")}
-            attention.TRITON_CAUSAL = True
+            flash_only = measured_with(cfg, rows, attention, "TRITON_CAUSAL", False)
+        if name in args.no_triton_full.split(","):  # before/after of the Triton kernel's full attention
+            no_triton_full = measured_with(cfg, rows, attention, "TRITON_FULL", False)
         if name in args.repeat_kv.split(","):
-            attention.GQA_DIRECT = False
-            repeat_kv = {k: v for k, v in bench_pobatch(cfg, rows).items() if k not in ("logits", "samples")}
-            attention.GQA_DIRECT = True
+            repeat_kv = measured_with(cfg, rows, attention, "GQA_DIRECT", False)
         if name in args.no_epilogue.split(","):
-            mlp.GELU_EPILOGUE = False
-            no_epilogue = {k: v for k, v in bench_pobatch(cfg, rows).items() if k not in ("logits", "samples")}
-            mlp.GELU_EPILOGUE = True
+            no_epilogue = measured_with(cfg, rows, mlp, "GELU_EPILOGUE", False)
+        if name in args.no_in_place.split(","):
+            no_in_place = measured_with(cfg, rows, residual, "IN_PLACE", False, fresh=True)
         single = single8 = None
         if name in args.no_multi_kernel.split(","):  # first: then the default's graphs are compiled afresh too
             multi_kernel(False)
@@ -316,7 +362,8 @@ def main():
             multi_kernel(True)
             print(f"{name} without multi-kernel: {single.get('samples_per_s', single)}, fp8 "
                   f"{single8 and single8['samples_per_s']}", flush=True)
-        ours = bench_pobatch(cfg, rows, profile=name in args.profile.split(","))
+        ours = bench_pobatch(cfg, rows, profile=name in args.profile.split(","),
+                             host_profile=name in args.host_profile.split(","))
         if name in args.fp8.split(","):  # the same rows with fp8 linear layers, against po-batch bf16
             cfg8 = cfg.model_copy(update={"model": cfg.model.model_copy(update={"quantization": "fp8"})})
             try:
@@ -344,6 +391,11 @@ def main():
                 fp8_layers.TRITON_QUANT = True
                 fresh_graphs()
                 print(f"{name} fp8 with inductor's quantization: {inductor_quant}", flush=True)
+            if name in args.div_rn.split(",") and "error" not in fp8:
+                from po_batch.layers import triton_quant
+
+                div_rn = measured_with(cfg8, rows, triton_quant, "FMA_DIVISION", False)
+                print(f"{name} fp8 with IEEE division: {div_rn.get('samples_per_s', div_rn)}", flush=True)
         if base not in hf_runs:  # once per workload: its @N variants differ in po-batch's budget only
             hf_runs[base] = bench_hf(ckpt, rows, cfg, open_spec(cfg, "cpu", "float32", 0).tasks.candidates,
                                      (4, 8) if args.cpu_smoke else benchlib.HF_BATCHES)
@@ -358,8 +410,10 @@ def main():
         w = {"samples": n, "flops_per_sample": flops,
              "pobatch": {k: v for k, v in ours.items() if k not in ("logits", "samples")}, "pobatch_eager": eager,
              "pobatch_varlen_only": varlen, "pobatch_fp8": fp8, "pobatch_fp8_inductor_quant": inductor_quant,
+             "pobatch_fp8_div_rn": div_rn,
              "pobatch_no_gelu_epilogue": no_epilogue,
              "pobatch_repeat_kv": repeat_kv, "pobatch_flash_only": flash_only,
+             "pobatch_no_triton_full": no_triton_full, "pobatch_no_in_place": no_in_place,
              "pobatch_no_multi_kernel": single, "pobatch_fp8_no_multi_kernel": single8,
              "transformers": theirs["by_batch"], "transformers_best_batch": int(best_b),
              "speedup_vs_best": ours["samples_per_s"] / best,

@@ -1,7 +1,8 @@
 """The fp8 path's activation + quantization in isolation, on the MLP shapes of the benchmark models at a full batch
 (and the quantization alone of an attention output): po-batch's one-pass Triton kernel (layers/triton_quant.py)
 against inductor's fusion of the same ops (what the engine compiled before, multi-kernel reductions on) and eager
-torch. Time, memory rate, agreement of the e4m3 values with eager's.
+torch, and the kernel with IEEE division (div_rn) in place of its reciprocal and fused multiply-add. Time, memory
+rate, agreement of the e4m3 values with eager's.
 
     python scripts/bench_quant.py --out bench/results/quant.json
 """
@@ -54,6 +55,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=str(benchlib.ROOT / "bench" / "results" / "quant.json"))
     args = ap.parse_args()
+    from po_batch.layers import triton_quant
     from po_batch.layers.triton_quant import act_quant
 
     fusion.FUSED.enable(True)  # inductor's settings as the engine has them
@@ -71,14 +73,21 @@ def main():
         for how, fn in [("eager", lambda: reference(x, act, gated)), ("inductor", lambda: compiled(x, act, gated)),
                         ("triton", lambda: act_quant(x, act, gated)),
                         ("triton_whole", lambda: act_quant(x, act, gated, chunked=False)),
-                        ("triton_chunked", lambda: act_quant(x, act, gated, chunked=True))]:
+                        ("triton_chunked", lambda: act_quant(x, act, gated, chunked=True)),
+                        ("triton_div_rn", lambda: act_quant(x, act, gated))]:
+            triton_quant.FMA_DIVISION = how != "triton_div_rn"
             ms = time_ms(fn)
             r[how] = {"ms": ms, "gb_per_s": moved / ms / 1e6}
+            if how == "triton_div_rn":
+                q_div, s_div = act_quant(x, act, gated)
+                r[how]["e4m3_equal_to_fma_division"] = bool(torch.equal(q_div.float(), q.float())
+                                                              and torch.equal(s_div, s))
+            triton_quant.FMA_DIVISION = True
         r["triton_vs_inductor"] = r["inductor"]["ms"] / r["triton"]["ms"]
         record["shapes"].append(r)
         print(f"{name:<44} inductor {r['inductor']['ms']:6.3f} ms ({r['inductor']['gb_per_s']:5.0f} GB/s)  "
               + "  ".join(f"{how[7:] or 'picked'} {r[how]['ms']:6.3f} ({r[how]['gb_per_s']:5.0f})"
-                          for how in ("triton", "triton_whole", "triton_chunked"))
+                          for how in ("triton", "triton_whole", "triton_chunked", "triton_div_rn"))
               + f"  {r['triton_vs_inductor']:.2f}x  e4m3 equal {r['e4m3_equal_to_eager']:.4f}", flush=True)
         del x, q, s, want_q, want_s
         torch.cuda.empty_cache()

@@ -57,6 +57,7 @@ def test_every_mlp_activation_has_its_one_pass_kernel_code():
 @pytest.mark.parametrize("act,gated", [("silu", True), ("gelu_pytorch_tanh", True), ("gelu_pytorch_tanh", False),
                                        ("gelu", False), ("quick_gelu", False), (None, False)])
 def test_the_one_pass_activation_quantization_matches_the_ops_it_replaces_eager_and_compiled(act, gated):
+    from po_batch.layers import triton_quant
     from po_batch.layers.triton_quant import act_quant
 
     torch.manual_seed(0)
@@ -77,6 +78,13 @@ def test_the_one_pass_activation_quantization_matches_the_ops_it_replaces_eager_
         assert torch.equal(q.float(), want_q.float())
     cq, cs = act_quant(x, act, gated, chunked=True)
     assert torch.equal(cq.float(), q.float()) and torch.equal(cs, s)
+    triton_quant.FMA_DIVISION = False  # IEEE division: the reciprocal and its correction give the same quotients
+    try:
+        for chunked in (False, True):
+            dq, ds = act_quant(x, act, gated, chunked=chunked)
+            assert torch.equal(dq.float(), q.float()) and torch.equal(ds, s)
+    finally:
+        triton_quant.FMA_DIVISION = True
     cq, cs = torch.compile(act_quant, dynamic=True)(x[:211], act, gated)  # inside a graph, another row count
     assert torch.equal(cq.float(), q[:211].float()) and torch.equal(cs, s[:211])
 

@@ -116,6 +116,31 @@ def test_the_triton_causal_kernel_matches_eager_math_whole_and_from_last_positio
     assert (got.float() - flash.float()).abs().max() < 3e-2
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="a Triton kernel: CUDA only")
+@pytest.mark.parametrize("dim", [64, 80, 128])
+@pytest.mark.parametrize("lens", [[196, 196, 196], [1, 17, 64, 65, 300, 784, 129]])
+def test_the_triton_kernel_s_full_attention_matches_eager_math_and_torch_s_kernels(dim, lens):
+    """The vision towers' attention: same-size images (which cuDNN's dense kernel took before, and still takes at
+    head dim 80) and mixed sizes (torch's flash kernel before), head dims 64 (Qwen3-VL), 80 (Qwen2-VL, Qwen2.5-VL:
+    64 + a 16-wide tail) and 128."""
+    from po_batch.layers import attention
+
+    torch.manual_seed(6)
+    t = sum(lens)
+    q, k, v = torch.randn(t, 16, dim), torch.randn(t, 16, dim), torch.randn(t, 16, dim)
+    want = reference(q, k, v, lens, False)
+    dev = lambda x: x.to("cuda", torch.bfloat16)  # noqa: E731
+    assert attention._triton_applies(dev(q), dev(k), dev(v), causal=False)
+    got = varlen_attention(dev(q), dev(k), dev(v), Varlen.from_lens(lens, "cuda"), False)
+    assert torch.allclose(got.float().cpu(), want, atol=3e-2)
+    attention.TRITON_FULL = False
+    try:
+        theirs = varlen_attention(dev(q), dev(k), dev(v), Varlen.from_lens(lens, "cuda"), False)
+    finally:
+        attention.TRITON_FULL = True
+    assert (got.float() - theirs.float()).abs().max() < 3e-2
+
+
 INTERPRETED = """
 import sys
 import numpy as np
@@ -126,20 +151,25 @@ from test_layers import reference
 
 torch.manual_seed(5)
 worst = 0.0
-for kv_heads, dim in [(2, 16), (8, 16), (4, 32)]:
+for kv_heads, dim, causal in [(2, 16, True), (8, 16, True), (4, 32, True), (8, 16, False), (2, 48, False),
+                              (4, 48, True)]:
     lens = [1, 17, 40, 33, 3]
     t = sum(lens)
     q, k, v = torch.randn(t, 8, dim), torch.randn(t, kv_heads, dim), torch.randn(t, kv_heads, dim)
-    want = reference(q, k, v, lens, True)
+    want = reference(q, k, v, lens, causal)
     cu = torch.tensor(np.concatenate([[0], np.cumsum(lens)]), dtype=torch.int32)
     last = torch.tensor(np.cumsum(lens) - 1)
-    for qs, cu_q, max_q, ref in [(q, cu, max(lens), want),
-                                 (q[last].contiguous(), torch.arange(len(lens) + 1, dtype=torch.int32), 1, want[last])]:
+    head, tail = triton_attention.split_head(dim)
+    cases = [(q, cu, max(lens), want)]
+    if causal:  # the last layer's queries: each sequence's last position against all its keys
+        cases.append((q[last].contiguous(), torch.arange(len(lens) + 1, dtype=torch.int32), 1, want[last]))
+    for qs, cu_q, max_q, ref in cases:
         out = torch.empty_like(qs)
         grid = (triton.cdiv(max_q, 16), len(lens), 8)
-        triton_attention._causal_fwd.fn[grid](
+        triton_attention._attention_fwd.fn[grid](
             qs, k, v, out, cu_q, cu, dim ** -0.5, qs.stride(0), qs.stride(1), k.stride(0), k.stride(1), v.stride(0),
-            v.stride(1), out.stride(0), out.stride(1), 1, HEAD_DIM=dim, GROUP=8 // kv_heads, BLOCK_M=16, BLOCK_N=16)
+            v.stride(1), out.stride(0), out.stride(1), 1, HEAD=head, TAIL=tail, GROUP=8 // kv_heads, CAUSAL=causal,
+            BLOCK_M=16, BLOCK_N=16)
         worst = max(worst, float((out - ref).abs().max()))
 print(worst)
 """
@@ -156,9 +186,10 @@ def interpreter_takes_loaded_loop_bounds() -> bool:
     return "squeeze" in inspect.getsource(interpreter) or np.lib.NumpyVersion(np.__version__) < "2.4.0"
 
 
-def test_the_triton_causal_kernel_run_by_triton_s_interpreter_matches_eager_math():
+def test_the_triton_attention_kernel_run_by_triton_s_interpreter_matches_eager_math():
     """The kernel's own code on the CPU, through TRITON_INTERPRET (float32, small blocks: 16 queries by 16 keys,
-    so that sequences of 1 to 40 cross them): whole sequences and last positions, grouped and equal K/V heads."""
+    so that sequences of 1 to 40 cross them): causal over whole sequences and from last positions, full attention,
+    grouped and equal K/V heads, and a head dim split into a power of two and a tail (48 = 32 + 16)."""
     pytest.importorskip("triton")
     if not interpreter_takes_loaded_loop_bounds():
         pytest.skip("this Triton's interpreter cannot run a loop over a loaded bound under NumPy >= 2.4 (the "

@@ -1,6 +1,7 @@
 """Variable-length attention over packed sequences: flash-attn's varlen kernel when installed, torch's
-varlen kernel on CUDA otherwise (the decoders' causal attention through po-batch's Triton kernel,
-layers/triton_attention.py), and SDPA one sequence at a time on the CPU. Each sequence sees only itself.
+varlen kernel on CUDA otherwise (the decoders' causal attention and the vision towers' full attention through
+po-batch's Triton kernel, layers/triton_attention.py), and SDPA one sequence at a time on the CPU. Each sequence sees
+only itself.
 
 Without flash-attn, Gemma2's soft-capped scores (no torch kernel caps them) take the per-sequence path on CUDA too:
 exact, and slow (a Python loop over sequences, each one's scores materialised)."""
@@ -49,14 +50,17 @@ DENSE_WHEN_UNIFORM = True
 # layer. A switch so benchmarks can compare both.
 GQA_DIRECT = True
 # Causal attention (the decoders) through po-batch's Triton kernel (layers/triton_attention.py) rather than torch's
-# varlen flash kernel, where it applies: no window or soft-cap, head dim 64 or 128, half precision. A switch so
+# varlen flash kernel, where it applies: no window or soft-cap, head dim 64, 80 or 128, half precision. A switch so
 # benchmarks can compare both.
 TRITON_CAUSAL = True
+# Full attention (the vision towers) through the same kernel rather than cuDNN's (same-size images) or the flash
+# kernel (mixed sizes). A switch so benchmarks can compare them.
+TRITON_FULL = True
 
 
-def _triton_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    return (TRITON_CAUSAL and q.shape[-1] in (64, 128) and q.dtype in (torch.bfloat16, torch.float16)
-            and q.stride(-1) == k.stride(-1) == v.stride(-1) == 1)
+def _triton_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True) -> bool:
+    return ((TRITON_CAUSAL if causal else TRITON_FULL) and q.shape[-1] in (64, 80, 128)
+            and q.dtype in (torch.bfloat16, torch.float16) and q.stride(-1) == k.stride(-1) == v.stride(-1) == 1)
 
 
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: Varlen, causal: bool,
@@ -73,17 +77,20 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: Va
         scale = None  # the kernels' own default, which a kernel without a scale argument also serves
     kind = backend(q.device)
     plain = softcap is None and window is None
-    if kind != "sdpa" and DENSE_WHEN_UNIFORM and not causal and meta.uniform and plain:
+    dense = kind != "sdpa" and DENSE_WHEN_UNIFORM and not causal and meta.uniform and plain
+    if dense and q.shape[-1] & (q.shape[-1] - 1):  # cuDNN's dense kernel beat the split head of the Triton kernel
+        return _dense(q, k, v, meta.uniform, scale)  # by 13% at head dim 80 (attention-h200-2026-12-03.json)
+    if kind == "torch_varlen" and plain and _triton_applies(q, k, v, causal):
+        from po_batch.layers.triton_attention import triton_attention
+
+        return triton_attention(q, k, v, meta.cu_q, meta.cu_k, meta.max_q, causal, scale)
+    if dense:
         return _dense(q, k, v, meta.uniform, scale)
     span = (-1 if window is None else window - 1, 0 if causal else -1)  # keys (left, right) of each query
     if kind == "flash_attn":
         kw = {} if plain else {"window_size": span, "softcap": softcap or 0.0}
         return _flash_attn()(q, k, v, meta.cu_q, meta.cu_k, meta.max_q, meta.max_k, softmax_scale=scale,
                              causal=causal, **kw)
-    if kind == "torch_varlen" and causal and plain and _triton_applies(q, k, v):
-        from po_batch.layers.triton_attention import causal_attention
-
-        return causal_attention(q, k, v, meta.cu_q, meta.cu_k, meta.max_q, scale)
     if kind == "torch_varlen" and softcap is None:
         if k.shape[1] != q.shape[1] and not GQA_DIRECT:  # the benchmarks' A/B: K/V heads repeated
             rep = q.shape[1] // k.shape[1]

@@ -6,6 +6,7 @@ from torch import nn
 
 from po_batch.layers.fp8 import Fp8Linear
 from po_batch.layers.linear import MergedLinear
+from po_batch.layers.residual import add_projection
 
 ACTIVATIONS = {
     "silu": F.silu,
@@ -30,12 +31,15 @@ class GatedMLP(nn.Module):
         self.down_proj = nn.Linear(hidden, dim, bias=bias)
         self.act, self.act_name = activation(act), act
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """With `residual` (the caller's own tensor), residual + the output, the down projection accumulating into
+        it in place where layers/residual.py can."""
         h = self.gate_up_proj(x)
         if isinstance(self.down_proj, Fp8Linear) and self.down_proj.fuses(h):
-            return self.down_proj.after_activation(h, self.act_name, gated=True)
+            out = self.down_proj.after_activation(h, self.act_name, gated=True)
+            return out if residual is None else residual + out
         gate, up = h.chunk(2, dim=-1)
-        return self.down_proj(self.act(gate) * up)
+        return add_projection(residual, self.down_proj, self.act(gate) * up)
 
 
 # On CUDA, fc1's bias and a tanh GELU run in cuBLASLt's matmul epilogue instead of a separate pass over the
@@ -53,11 +57,14 @@ class MLP(nn.Module):
         self.act, self.act_name = activation(act), act
         self.tanh_gelu = act == "gelu_pytorch_tanh"
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """With `residual`, residual + the output, as GatedMLP's."""
         if GELU_EPILOGUE and self.tanh_gelu and x.is_cuda and x.dim() == 2 and type(self.fc1) is nn.Linear \
                 and self.fc1.bias is not None:
-            return self.fc2(torch._addmm_activation(self.fc1.bias, x, self.fc1.weight.t(), use_gelu=True))
+            h = torch._addmm_activation(self.fc1.bias, x, self.fc1.weight.t(), use_gelu=True)
+            return add_projection(residual, self.fc2, h)
         h = self.fc1(x)
         if isinstance(self.fc2, Fp8Linear) and self.fc2.fuses(h):
-            return self.fc2.after_activation(h, self.act_name, gated=False)
-        return self.fc2(self.act(h))
+            out = self.fc2.after_activation(h, self.act_name, gated=False)
+            return out if residual is None else residual + out
+        return add_projection(residual, self.fc2, self.act(h))

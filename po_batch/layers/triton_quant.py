@@ -14,6 +14,10 @@ import triton.language as tl
 
 ACTS = {None: 0, "silu": 1, "gelu": 2, "gelu_pytorch_tanh": 3, "quick_gelu": 4}
 CHUNK = 1024
+# h / scale as h times the row's reciprocal, corrected by one fused multiply-add (Markstein's division: the same
+# correctly rounded quotient as IEEE division, in three instructions where div_rn takes a dozen; the kernel's
+# arithmetic, not memory, bounds it on the activations' rows). A switch so that benchmarks can compare both.
+FMA_DIVISION = True
 
 
 @triton.jit
@@ -36,18 +40,30 @@ def _act(X, row, stride_x, n, cols, mask, ACT: tl.constexpr, GATED: tl.constexpr
 
 
 @triton.jit
-def _act_quant_whole(X, Q, S, n, stride_x, stride_q, ACT: tl.constexpr, GATED: tl.constexpr, BLOCK: tl.constexpr):
+def _divide(h, scale, FMA: tl.constexpr):
+    """h / scale, correctly rounded (float32)."""
+    if FMA:
+        inv = tl.math.div_rn(1.0, scale)
+        q = h * inv
+        return tl.fma(tl.fma(-q, scale, h), inv, q)
+    return tl.math.div_rn(h, scale)
+
+
+@triton.jit
+def _act_quant_whole(X, Q, S, n, stride_x, stride_q, ACT: tl.constexpr, GATED: tl.constexpr, FMA: tl.constexpr,
+                     BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n
     h = _act(X, row, stride_x, n, cols, mask, ACT, GATED)
     scale = tl.maximum(tl.max(tl.abs(h), 0), 1e-12) / 448.0  # fp8.E4M3_MAX
-    tl.store(Q + row * stride_q + cols, tl.math.div_rn(h, scale).to(Q.dtype.element_ty), mask=mask)
+    tl.store(Q + row * stride_q + cols, _divide(h, scale, FMA).to(Q.dtype.element_ty), mask=mask)
     tl.store(S + row, scale)
 
 
 @triton.jit
-def _act_quant_chunked(X, Q, S, n, stride_x, stride_q, ACT: tl.constexpr, GATED: tl.constexpr, BLOCK: tl.constexpr):
+def _act_quant_chunked(X, Q, S, n, stride_x, stride_q, ACT: tl.constexpr, GATED: tl.constexpr, FMA: tl.constexpr,
+                       BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     top = tl.zeros([BLOCK], tl.float32)
     for start in range(0, n, BLOCK):
@@ -57,7 +73,7 @@ def _act_quant_chunked(X, Q, S, n, stride_x, stride_q, ACT: tl.constexpr, GATED:
     for start in range(0, n, BLOCK):
         cols = start + tl.arange(0, BLOCK)
         h = _act(X, row, stride_x, n, cols, cols < n, ACT, GATED)
-        tl.store(Q + row * stride_q + cols, tl.math.div_rn(h, scale).to(Q.dtype.element_ty), mask=cols < n)
+        tl.store(Q + row * stride_q + cols, _divide(h, scale, FMA).to(Q.dtype.element_ty), mask=cols < n)
     tl.store(S + row, scale)
 
 
@@ -69,11 +85,11 @@ def _act_quant_op(x: torch.Tensor, act: int, gated: bool, chunked: int) -> tuple
     s = torch.empty((rows, 1), dtype=torch.float32, device=x.device)
     whole = triton.next_power_of_2(n)
     if chunked == 1 or (chunked == -1 and 4 * n < 3 * whole):
-        _act_quant_chunked[(rows,)](x, q, s, n, x.stride(0), q.stride(0), ACT=act, GATED=gated, BLOCK=CHUNK,
-                                    num_warps=4)
+        _act_quant_chunked[(rows,)](x, q, s, n, x.stride(0), q.stride(0), ACT=act, GATED=gated, FMA=FMA_DIVISION,
+                                    BLOCK=CHUNK, num_warps=4)
     else:
-        _act_quant_whole[(rows,)](x, q, s, n, x.stride(0), q.stride(0), ACT=act, GATED=gated, BLOCK=whole,
-                                  num_warps=min(32, max(4, whole // 512)))
+        _act_quant_whole[(rows,)](x, q, s, n, x.stride(0), q.stride(0), ACT=act, GATED=gated, FMA=FMA_DIVISION,
+                                  BLOCK=whole, num_warps=min(32, max(4, whole // 512)))
     return q, s
 
 

@@ -71,7 +71,7 @@ class EncoderLayer(nn.Module):
 
     def attn_out(self, x, o):
         x = x + project(self.self_attn.out_proj, o.flatten(1))
-        return x + self.mlp(self.layer_norm2(x))
+        return self.mlp(self.layer_norm2(x), residual=x)  # fc2 accumulates into x + its bias (layers/residual.py)
 
     def forward(self, x):
         q, k, v = FUSED.call(self.attn_in, x)

@@ -13,9 +13,9 @@ from torch import nn
 from po_batch.layers.attention import varlen_attention
 from po_batch.layers.compile import FUSED
 from po_batch.layers.context import get_context
-from po_batch.layers.fp8 import project
 from po_batch.layers.mlp import GatedMLP
 from po_batch.layers.norm import GemmaRMSNorm
+from po_batch.layers.residual import add_projection
 from po_batch.layers.rotary import inv_freq, mrope_cos_sin
 from po_batch.models.qwen_text import PACKED, Attention, TextConfig
 
@@ -62,8 +62,8 @@ class DecoderLayer(nn.Module):
         return self.self_attn.project(self.input_layernorm(x), cos, sin, reads)
 
     def attn_out(self, x, o):
-        x = x + project(self.self_attn.o_proj, o.flatten(1))
-        return x + self.mlp(self.post_attention_layernorm(x))
+        x = add_projection(x, self.self_attn.o_proj, o.flatten(1))  # in place (layers/residual.py)
+        return self.mlp(self.post_attention_layernorm(x), residual=x)
 
     def forward(self, x, cos, sin, reads: torch.Tensor | None = None):
         ctx = get_context()

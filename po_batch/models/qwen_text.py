@@ -12,10 +12,10 @@ from torch import nn
 from po_batch.layers.attention import varlen_attention
 from po_batch.layers.compile import FUSED
 from po_batch.layers.context import get_context
-from po_batch.layers.fp8 import project
 from po_batch.layers.linear import MergedLinear
 from po_batch.layers.mlp import GatedMLP
 from po_batch.layers.norm import RMSNorm
+from po_batch.layers.residual import add_projection
 from po_batch.layers.rotary import apply_rotary, inv_freq, mrope_axes, mrope_cos_sin
 
 
@@ -109,8 +109,10 @@ class DecoderLayer(nn.Module):
         return self.self_attn.project(self.input_layernorm(x), cos, sin, reads)
 
     def attn_out(self, x, o):
-        x = x + project(self.self_attn.o_proj, o.flatten(1))
-        return x + self.mlp(self.post_attention_layernorm(x))
+        """x (this forward's own tensor) plus the attention output's projection and the MLP's, accumulated into
+        it in place (layers/residual.py)."""
+        x = add_projection(x, self.self_attn.o_proj, o.flatten(1))
+        return self.mlp(self.post_attention_layernorm(x), residual=x)
 
     def forward(self, x, cos, sin, reads: torch.Tensor | None = None):
         ctx = get_context()

@@ -98,7 +98,7 @@ class VisionBlock(nn.Module):
 
     def attn_out(self, x, o):
         x = x + project(self.attn.proj, o.flatten(1))
-        return x + self.mlp(self.norm2(x))
+        return self.mlp(self.norm2(x), residual=x)  # fc2 accumulates into x + its bias (layers/residual.py)
 
     def forward(self, x, cos, sin, window: bool = False):
         """Full attention within each image, or within each window (Qwen2.5-VL) when `window`."""
