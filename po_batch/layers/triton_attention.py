@@ -4,7 +4,9 @@
 sequence's queries for one query head: it reads the keys it sees only (causal: up to its last query, bottom-right
 aligned, the queries being the last of their sequence's keys), the shared K/V head of its group directly, and keeps
 the softmax online in float32. A head dim that is not a power of two (80: Qwen2-VL's and Qwen2.5-VL's towers) is a
-power-of-two part and a power-of-two tail (64 + 16), each its own matmul, so no column is padded."""
+power-of-two part and a power-of-two tail (64 + 16), each its own matmul, so no column is padded. On an H200
+(bench_attention.py, attention-h200-2026-12-03*.json): 1.15x cuDNN's dense kernel on Qwen3-VL's 784-token images,
+1.37x torch's flash kernel on mixed sizes, 1.3-1.6x it on the decoders' sequences; 0.89x cuDNN at head dim 80."""
 
 import torch
 import triton
