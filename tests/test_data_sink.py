@@ -11,10 +11,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from po_batch.data.claims import Claims
+from po_batch.data.layout import marker_name, part_name
 from po_batch.data.markers import scan
 from po_batch.data.plan import load_or_create_plan
 from po_batch.data.sink import LostUnit, Sink, clean_orphans
-from po_batch.data.store import LocalStore
+from po_batch.data.store import Fenced, LocalStore
 
 
 @pytest.fixture
@@ -124,6 +125,104 @@ def test_commit_under_a_replaced_plan_is_refused_and_its_markers_do_not_count(tm
     pq.write_table(_table([1]), out / "part-u1.parquet")
     assert not new.is_done("u1") and new.done() == {"u3"}
     assert scan(store, new_plan.epoch).other_epoch == ["u1"]
+
+
+class StoppedAt:
+    """A sink's epoch check that lets `meanwhile` happen at one point of the commit, as if SIGSTOP had landed
+    there: on the check before the publish once it passed ('after-check'), or before the check after it
+    ('after-publish')."""
+
+    def __init__(self, sink: Sink, where: str, meanwhile):
+        self.watch, self.where, self.meanwhile, self.calls = sink.watch, where, meanwhile, 0
+        sink.watch = self
+
+    def current(self) -> bool:
+        self.calls += 1
+        if self.calls == 2 and self.where == "after-publish":
+            self.meanwhile()
+        ok = self.watch.current()
+        if self.calls == 1 and self.where == "after-check":
+            self.meanwhile()
+        return ok
+
+
+def restart_and_commit(store, inputs: list[str], unit_id: str, ids: list[int]):
+    """What a `--restart` run does to the unit meanwhile: wipe, plan a new epoch, commit the unit with its rows."""
+    def run():
+        new_plan = load_or_create_plan(store, inputs, 10, {}, restart=True)
+        Sink(store, new_plan).commit(unit_id, _table(ids), _stats(len(ids)))
+        done.append(new_plan.epoch)
+    done = []
+    return run, done
+
+
+def committed(store, unit_id: str) -> tuple[list[int], str]:
+    """The unit's rows as readers of OUT see them, and its marker's epoch."""
+    rows = pq.read_table(pa.BufferReader(store.read(part_name(unit_id)))).column("id").to_pylist()
+    return rows, json.loads(store.read(marker_name(unit_id)))["epoch"]
+
+
+@pytest.mark.parametrize("where", ["after-check", "after-publish"])
+def test_a_worker_stopped_in_its_commit_while_a_restart_redid_the_unit_leaves_the_new_part(tmp_path, out, plan,
+                                                                                           where):
+    """SIGSTOP between the check and the rename: the restart's wipe removed the temporary, so the rename publishes
+    nothing. Between the rename and the check after it: the old part was wiped, and the new one must not be
+    deleted (it was, once: the restarted output lost the unit's rows, a marker without its part)."""
+    store = LocalStore(out)
+    old = Sink(store, plan)
+    meanwhile, epochs = restart_and_commit(store, [str(tmp_path / "in")], "u1", [5, 6])
+    StoppedAt(old, where, meanwhile)
+    with pytest.raises(LostUnit) as e:
+        old.commit("u1", _table([1, 2]), _stats(2))
+    assert e.value.reason == "epoch"
+    assert committed(store, "u1") == ([5, 6], epochs[0])
+    assert [n for n in os.listdir(out) if n.startswith(".")] == []
+
+
+def test_a_worker_whose_marker_a_restart_wiped_half_written_leaves_the_new_part(tmp_path, out, plan, monkeypatch):
+    """Stopped while writing its marker: the wipe removed the marker's temporary (Fenced), which must not make the
+    old worker delete the part as it does for a full disk -- the part is the new run's by then."""
+    store = LocalStore(out)
+    old = Sink(store, plan)
+    meanwhile, epochs = restart_and_commit(store, [str(tmp_path / "in")], "u1", [5, 6])
+    put, stopped = store.put, []
+
+    def stopped_in_put(name, data):
+        if name == marker_name("u1") and not stopped:
+            stopped.append(name)
+            with store.open_writer(name) as w:
+                w.file.write(data)
+                meanwhile()
+                w.commit()
+        else:
+            put(name, data)
+
+    monkeypatch.setattr(store, "put", stopped_in_put)
+    with pytest.raises(LostUnit) as e:
+        old.commit("u1", _table([1, 2]), _stats(2))
+    assert e.value.reason == "epoch" and isinstance(e.value.__context__, Fenced)
+    assert committed(store, "u1") == ([5, 6], epochs[0])
+
+
+def test_a_worker_stopped_after_publishing_whose_claim_was_taken_over_leaves_the_new_owners_commit(out, plan):
+    """Same epoch: the new owner's part and marker stay whole (the stopped worker's rows would be the same ones)."""
+    store = LocalStore(out)
+    slow, fast = Claims(store, "slow", plan.epoch, ttl_s=60), Claims(store, "fast", plan.epoch, ttl_s=60)
+    assert slow.try_claim("u1")
+    old = Sink(store, plan, slow)
+
+    def takeover():
+        past = time.time() - 120
+        os.utime(out / "_po_batch" / "claims" / "u1.claim", (past, past))
+        assert fast.try_claim("u1")
+        Sink(store, plan, fast).commit("u1", _table([1, 2]), _stats(2))
+
+    StoppedAt(old, "after-publish", takeover)
+    with pytest.raises(LostUnit) as e:
+        old.commit("u1", _table([1, 2]), _stats(2))
+    assert e.value.reason == "claim"
+    assert committed(store, "u1") == ([1, 2], plan.epoch)
+    assert json.loads(store.read(marker_name("u1")))["owner"] == "w" and Sink(store, plan).is_done("u1")
 
 
 def test_failure_record_is_not_done_and_a_commit_removes_it(out, plan):

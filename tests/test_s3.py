@@ -2,6 +2,7 @@
 its own) through s3fs: the store's conditional writes, claims whose heartbeat beats a takeover, the plan lock, and
 `po-batch run` with inputs and output on S3 -- SIGKILLed and resumed, two workers at once, a reader watching."""
 
+import io
 import json
 import random
 import signal
@@ -10,13 +11,19 @@ import time
 import uuid
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.dataset as ds
+import pyarrow.parquet as pq
 import pytest
 from s3server import start_server
+from test_data_sink import StoppedAt, _stats, _table, committed, restart_and_commit
 from test_pipeline import TIMEOUT_S, build_corpus, finish, kill_group, picture, proc_file, start, summary
 from test_wds import build_shards, member_json, write_shard
 
 from po_batch.data.claims import Claims
+from po_batch.data.layout import part_name
+from po_batch.data.plan import load_or_create_plan
+from po_batch.data.sink import LostUnit, Sink
 from po_batch.data.errors import PlanError
 from po_batch.data.objstore import FsspecStore
 from po_batch.data.plan import plan_from_doc, read_plan_doc
@@ -126,6 +133,39 @@ def test_the_plan_lock_is_exclusive_and_a_dead_holders_lock_is_taken_over(s3, bu
     # taken over once its lease is LOCK_TTL_S old by the object's LastModified, which S3 keeps to the second (so
     # the wait can be anything from 0 to about 2 s here), never waited on forever
     assert time.monotonic() - t < 10
+
+
+@pytest.mark.parametrize("where", ["after-check", "after-publish"])
+def test_a_worker_stopped_in_its_commit_while_a_restart_redid_the_unit_leaves_the_new_part(s3, bucket, tmp_path,
+                                                                                           where):
+    """The S3 fence: the part's PUT is conditional on what the worker saw before its check, so one stopped between
+    the check and the PUT cannot replace the restarted run's part (a PUT there overwrites)."""
+    (tmp_path / "in").mkdir()
+    pq.write_table(pa.table({"id": [1]}), tmp_path / "in" / "a.parquet")
+    store = open_store(f"s3://{bucket}/out")
+    plan = load_or_create_plan(store, [str(tmp_path / "in")], 10, {})
+    old = Sink(store, plan)
+    meanwhile, epochs = restart_and_commit(store, [str(tmp_path / "in")], "u1", [5, 6])
+    StoppedAt(old, where, meanwhile)
+    with pytest.raises(LostUnit) as e:
+        old.commit("u1", _table([1, 2]), _stats(2))
+    assert e.value.reason == "epoch"
+    assert committed(store, "u1") == ([5, 6], epochs[0])
+
+
+def test_a_commit_beaten_to_the_part_by_a_stale_writer_tries_again_and_replaces_it(s3, bucket, tmp_path):
+    """A stale writer's PUT landing between this worker's look and its own makes the conditional PUT fail; the
+    check still says the unit is this worker's, so it looks again and replaces the stale part."""
+    (tmp_path / "in").mkdir()
+    pq.write_table(pa.table({"id": [1]}), tmp_path / "in" / "a.parquet")
+    store = open_store(f"s3://{bucket}/out")
+    plan = load_or_create_plan(store, [str(tmp_path / "in")], 10, {})
+    sink = Sink(store, plan)
+    stale = io.BytesIO()
+    pq.write_table(_table([7]), stale)
+    stopped = StoppedAt(sink, "after-check", lambda: store.put(part_name("u1"), stale.getvalue()))
+    sink.commit("u1", _table([1, 2]), _stats(2))
+    assert committed(store, "u1") == ([1, 2], plan.epoch) and stopped.calls == 3 and sink.is_done("u1")
 
 
 def test_a_store_without_conditional_writes_refuses_claims_and_names_shard(tmp_path):

@@ -22,7 +22,7 @@ from contextlib import contextmanager
 import fsspec
 
 from po_batch.data.errors import PlanError
-from po_batch.data.store import Entry, Store, Writer, mtime
+from po_batch.data.store import Entry, Fenced, Store, Writer, mtime
 
 CONDITIONAL = ("s3", "s3a")  # fsspec protocols whose conditional PUTs po-batch uses (s3fs)
 # The plan lock: a holder that stops heartbeating (killed) is taken over after LOCK_TTL_S, by the store's clock
@@ -30,6 +30,7 @@ CONDITIONAL = ("s3", "s3a")  # fsspec protocols whose conditional PUTs po-batch 
 LOCK_TTL_S = 60.0
 LOCK_BEAT_S = 10.0
 SEGMENTS = ".segments"  # the folder of an appended object's segments, one per process
+PUBLISH_TRIES = 5  # conditional PUTs of a part that other writers' PUTs beat in between, before giving up
 
 
 def _refused(e: OSError) -> bool:
@@ -48,16 +49,30 @@ def _version(info: dict) -> str:
 
 
 class FsspecWriter(Writer):
-    """Buffers the part in memory (a part is one unit's rows) and PUTs it whole at commit."""
+    """Buffers the part in memory (a part is one unit's rows) and PUTs it whole at commit: with conditional writes,
+    only over what was there before the check, so that a writer stopped between its check and its PUT cannot replace
+    the part that a newer run or the unit's new owner published meanwhile. Without them there is no such fence."""
 
     def __init__(self, store: "FsspecStore", name: str):
         self.store, self.name = store, name
         self.file = io.BytesIO()
 
     def commit(self, check: Callable[[], None] | None = None) -> None:
-        if check is not None:
-            check()
-        self.store.put(self.name, self.file.getvalue())
+        data = self.file.getvalue()
+        if not self.store.conditional:
+            if check is not None:
+                check()
+            self.store.put(self.name, data)
+            return
+        for _ in range(PUBLISH_TRIES):
+            seen = self.store.stat(self.name)
+            if check is not None:
+                check()
+            if (self.store.create(self.name, data) if seen is None
+                    else self.store.replace_if(self.name, seen.version, data)):
+                return
+            # another writer published the part in between; the check, again, says whether this one still may
+        raise Fenced(f"{self.store.root}/{self.name}: other writers published it at each of {PUBLISH_TRIES} tries")
 
     def __exit__(self, *exc) -> None:
         self.file.close()  # nothing was sent unless commit did

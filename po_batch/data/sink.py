@@ -2,7 +2,8 @@
 
 Readers of pyarrow.dataset.dataset(OUT) see only whole parts: a part becomes visible at once (the store's writer
 commits it), and state lives in '_po_batch/', which pyarrow skips. A rerun of a unit replaces its part, so each
-row appears once whatever crashed where; a worker that lost its claim or whose plan was replaced commits nothing.
+row appears once whatever crashed where; a worker that lost its claim or whose plan was replaced commits nothing,
+and never deletes or (where the store can fence it, see Writer.commit) replaces what the unit's new owner did.
 """
 
 import time
@@ -16,7 +17,7 @@ from po_batch.data.markers import is_done, mark_failed, scan, write_marker
 from po_batch.data.plan import Plan
 from po_batch.data.planfile import EpochWatch
 from po_batch.data.schema import cast_to
-from po_batch.data.store import Store
+from po_batch.data.store import Fenced, Store
 
 ORPHAN_AGE_S = 3600.0
 
@@ -52,17 +53,21 @@ class Sink:
             table = cast_to(table, self.schema)
         with self.store.open_writer(part_name(unit_id)) as w:
             pq.write_table(table, w.file)
-            w.commit(lambda: self._check(unit_id))
-        try:
-            self._check(unit_id)
-        except LostUnit:
-            # Stopped between the check and the publish (SIGSTOP), this worker may have replaced the part of the
-            # unit's new owner: remove it, so that the unit is redone rather than done with this worker's rows.
-            self.store.delete(part_name(unit_id))
-            raise
+            try:
+                w.commit(lambda: self._check(unit_id))
+            except Fenced:
+                self._check(unit_id)  # the usual reason: the unit is no longer this worker's (LostUnit)
+                raise
+        # Stopped after the publish, this worker may have lost the unit meanwhile; then its marker must not be
+        # written. Its part is not deleted, which could delete the new owner's: a --restart's wipe removed it or
+        # the new epoch's commit of the unit replaces it; a claim taken over in the same epoch has the same rows.
+        self._check(unit_id)
         try:
             write_marker(self.store, unit_id, self.epoch, stats)
-        except OSError:  # a full disk: the part is whole but not committed, and readers of OUT must not see it
+        except OSError:
+            # a full disk: the part is whole but not committed, and readers of OUT must not see it -- unless the
+            # marker failed because a --restart wiped it half-written (Fenced), when the part may be the new run's
+            self._check(unit_id)
             self.store.delete(part_name(unit_id))
             raise
 

@@ -26,6 +26,12 @@ from po_batch.data.errors import PlanError, backend_error
 _TEMPORARY = re.compile(r"^\..+\.[0-9a-f]{12}\.tmp$|^.+\.[0-9a-f]{12}\.tomb$")
 
 
+class Fenced(OSError):
+    """A publish refused because of what happened after its check: the writer's temporary was removed (a --restart's
+    wipe, while the process stood between its check and its rename), or another writer published the part between
+    this one's look and its PUT (an object store's conditional write). Nothing was published."""
+
+
 @dataclass(frozen=True)
 class Entry:
     name: str  # within the folder listed
@@ -43,7 +49,8 @@ class Writer(AbstractContextManager):
     @abstractmethod
     def commit(self, check: Callable[[], None] | None = None) -> None:
         """Publish. `check` runs at the last moment before the part becomes visible; if it raises, nothing is
-        published and its exception propagates."""
+        published and its exception propagates. A writer stopped (SIGSTOP) between its check and the publish does not
+        replace what a newer run or the unit's new owner published meanwhile where the store can tell: Fenced."""
 
 
 class Store(ABC):
@@ -169,7 +176,10 @@ class LocalWriter(Writer):
         self.file.close()
         if check is not None:
             check()
-        os.replace(self.tmp, self.path)
+        try:
+            os.replace(self.tmp, self.path)
+        except FileNotFoundError:  # _wipe removes temporaries: a run that replaced the plan came in since the check
+            raise Fenced(f"{self.path}: its temporary was removed before the rename") from None
         self.committed = True
         _fsync_dir(os.path.dirname(self.path))  # the rename must be on disk before anything that counts on it
 
