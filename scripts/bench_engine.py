@@ -272,6 +272,23 @@ def bench_hf(ckpt_dir, rows, cfg, token_ids, batches) -> dict:
     return {"by_batch": result, "logits": logits}
 
 
+def fp8_against(cfg8, rows, ours: dict, profile: bool = False) -> tuple[dict | None, dict]:
+    """po-batch's fp8 run of `rows` and its numbers against po-batch bf16 (`ours`): the speed-up, the parity and
+    the agreement on the rows whose bf16 margin |l_yes - l_no| exceeds 0.5."""
+    try:
+        r8 = bench_pobatch(cfg8, rows, profile=profile)
+    except Exception as e:  # a failure here must not cost the rest of the run
+        return None, {"error": f"{type(e).__name__}: {e}"}
+    fp8 = {k: v for k, v in r8.items() if k not in ("logits", "samples")}
+    fp8["speedup_vs_bf16"] = r8["samples_per_s"] / ours["samples_per_s"]
+    fp8["parity_vs_pobatch_bf16"] = parity(r8["logits"], ours["logits"])
+    clear = np.abs(ours["logits"][:, 0] - ours["logits"][:, 1]) > 0.5
+    fp8["clear_margin_rows"] = int(clear.sum())
+    fp8["answer_agreement_clear_margin"] = float(
+        benchlib.same_answer(r8["logits"][clear], ours["logits"][clear]).mean()) if clear.any() else None
+    return r8, fp8
+
+
 def parity(ours: np.ndarray, theirs: np.ndarray) -> dict:
     dp = np.abs(benchlib.p_yes(ours) - benchlib.p_yes(theirs))
     return {"samples": len(ours), "max_abs_dp_yes": float(dp.max()), "mean_abs_dp_yes": float(dp.mean()),
@@ -310,6 +327,9 @@ def main():
     ap.add_argument("--div-rn", default="",
                     help="workloads also measured in fp8 with IEEE division in the one-pass quantization kernel "
                          "instead of a reciprocal and a fused multiply-add (layers/triton_quant.py)")
+    ap.add_argument("--no-fast-accum", default="qwen3_vl_2b",
+                    help="workloads also measured in fp8 with torch._scaled_mm's float32 accumulation instead of "
+                         "the tensor cores' (layers/fp8.py)")
     ap.add_argument("--host-profile", default="", help="workloads whose queuing of the rows is profiled on the host")
     ap.add_argument("--cpu-smoke", action="store_true", help="a tiny model on the CPU, to check the script itself")
     args = ap.parse_args()
@@ -333,7 +353,7 @@ def main():
             "task": {"prompt": VL_PROMPT if vision else TEXT_PROMPT},
             "image": {"max_pixels": max_pixels}, "run": {"batch_tokens": int(budget or 16384)}})
         rows = rows_for(kind, n)
-        fp8 = inductor_quant = div_rn = None
+        fp8 = inductor_quant = div_rn = slow_accum = None
         eager = varlen = no_epilogue = repeat_kv = flash_only = no_triton_full = no_in_place = None
         if name in args.eager.split(","):  # before/after of the fused (torch.compile) graphs, same run
             eager = {k: v for k, v in bench_pobatch(cfg, rows, fuse=False).items() if k not in ("logits", "samples")}
@@ -366,18 +386,16 @@ def main():
                              host_profile=name in args.host_profile.split(","))
         if name in args.fp8.split(","):  # the same rows with fp8 linear layers, against po-batch bf16
             cfg8 = cfg.model_copy(update={"model": cfg.model.model_copy(update={"quantization": "fp8"})})
-            try:
-                r8 = bench_pobatch(cfg8, rows, profile=name in args.profile.split(","))
-                fp8 = {k: v for k, v in r8.items() if k not in ("logits", "samples")}
-                fp8["speedup_vs_bf16"] = r8["samples_per_s"] / ours["samples_per_s"]
-                fp8["parity_vs_pobatch_bf16"] = parity(r8["logits"], ours["logits"])
-                clear = np.abs(ours["logits"][:, 0] - ours["logits"][:, 1]) > 0.5
-                fp8["clear_margin_rows"] = int(clear.sum())
-                fp8["answer_agreement_clear_margin"] = float(
-                    benchlib.same_answer(r8["logits"][clear], ours["logits"][clear]).mean()) if clear.any() else None
-            except Exception as e:  # a failure here must not cost the rest of the run
-                fp8 = {"error": f"{type(e).__name__}: {e}"}
+            r8, fp8 = fp8_against(cfg8, rows, ours, profile=name in args.profile.split(","))
             print(f"{name} fp8: {fp8}", flush=True)
+            if name in args.no_fast_accum.split(",") and "error" not in fp8:
+                fp8_layers.FAST_ACCUM = False
+                fresh_graphs()
+                slow_accum = fp8_against(cfg8, rows, ours)[1]
+                slow_accum["fast_accum_speedup"] = r8["samples_per_s"] / slow_accum.get("samples_per_s", float("nan"))
+                fp8_layers.FAST_ACCUM = True
+                fresh_graphs()
+                print(f"{name} fp8 without fast accumulation: {slow_accum}", flush=True)
             if name in args.inductor_quant.split(",") and "error" not in fp8:
                 fp8_layers.TRITON_QUANT = False
                 fresh_graphs()
@@ -410,7 +428,7 @@ def main():
         w = {"samples": n, "flops_per_sample": flops,
              "pobatch": {k: v for k, v in ours.items() if k not in ("logits", "samples")}, "pobatch_eager": eager,
              "pobatch_varlen_only": varlen, "pobatch_fp8": fp8, "pobatch_fp8_inductor_quant": inductor_quant,
-             "pobatch_fp8_div_rn": div_rn,
+             "pobatch_fp8_div_rn": div_rn, "pobatch_fp8_no_fast_accum": slow_accum,
              "pobatch_no_gelu_epilogue": no_epilogue,
              "pobatch_repeat_kv": repeat_kv, "pobatch_flash_only": flash_only,
              "pobatch_no_triton_full": no_triton_full, "pobatch_no_in_place": no_in_place,

@@ -41,14 +41,18 @@ def sync():
         torch.cuda.synchronize()
 
 
-def timed(fn, reps: int) -> tuple[float, object]:
+def timed(fn, reps: int, each: list | None = None) -> tuple[float, object]:
+    """The best of `reps` timings of fn() and its last result; each timing appended to `each` where given."""
     best, out = math.inf, None
     for _ in range(reps):
         sync()
         t = time.perf_counter()
         out = fn()
         sync()
-        best = min(best, time.perf_counter() - t)
+        dt = time.perf_counter() - t
+        best = min(best, dt)
+        if each is not None:
+            each.append(dt)
     return best, out
 
 
@@ -92,11 +96,12 @@ def bench_pobatch(cfg, rows, reps: int) -> dict:
     warmup_s = time.perf_counter() - t
     engine.score(samples[:37])
     reset()
-    dt, readout = timed(lambda: engine.score(samples), reps)
+    each = []
+    dt, readout = timed(lambda: engine.score(samples), reps, each)
     task = spec.tasks.tasks[""]
     values = task.scores(spec.tasks.split(readout)[""])
-    out = {"rows_per_s": len(rows) / dt, "peak_gib": peak_gib(), "warmup_s": warmup_s, "fused": engine.fuse,
-           "attention": engine.attention, "batch_tokens": engine.batch_tokens,
+    out = {"rows_per_s": len(rows) / dt, "rep_s": each, "peak_gib": peak_gib(), "warmup_s": warmup_s,
+           "fused": engine.fuse, "attention": engine.attention, "batch_tokens": engine.batch_tokens,
            "mean_tokens": float(np.mean([s.tokens for s in samples])),
            "weights_gib": sum(p.numel() * p.element_size() for p in engine.model.parameters()) / 2 ** 30,
            "values": values if task.head == "hidden" else task.probs(values)[:, 0], "samples": samples}

@@ -156,6 +156,18 @@ def restart_and_commit(store, inputs: list[str], unit_id: str, ids: list[int]):
     return run, done
 
 
+def stopped_commit_leaves_the_new_part(store, plan, inputs: list[str], where: str) -> None:
+    """A worker of `plan` stopped `where` in its commit of u1 while a restart redid u1: its commit raises LostUnit
+    and u1 stays the restart's."""
+    old = Sink(store, plan)
+    meanwhile, epochs = restart_and_commit(store, inputs, "u1", [5, 6])
+    StoppedAt(old, where, meanwhile)
+    with pytest.raises(LostUnit) as e:
+        old.commit("u1", _table([1, 2]), _stats(2))
+    assert e.value.reason == "epoch"
+    assert committed(store, "u1") == ([5, 6], epochs[0])
+
+
 def committed(store, unit_id: str) -> tuple[list[int], str]:
     """The unit's rows as readers of OUT see them, and its marker's epoch."""
     rows = pq.read_table(pa.BufferReader(store.read(part_name(unit_id)))).column("id").to_pylist()
@@ -168,14 +180,7 @@ def test_a_worker_stopped_in_its_commit_while_a_restart_redid_the_unit_leaves_th
     """SIGSTOP between the check and the rename: the restart's wipe removed the temporary, so the rename publishes
     nothing. Between the rename and the check after it: the old part was wiped, and the new one must not be
     deleted (it was, once: the restarted output lost the unit's rows, a marker without its part)."""
-    store = LocalStore(out)
-    old = Sink(store, plan)
-    meanwhile, epochs = restart_and_commit(store, [str(tmp_path / "in")], "u1", [5, 6])
-    StoppedAt(old, where, meanwhile)
-    with pytest.raises(LostUnit) as e:
-        old.commit("u1", _table([1, 2]), _stats(2))
-    assert e.value.reason == "epoch"
-    assert committed(store, "u1") == ([5, 6], epochs[0])
+    stopped_commit_leaves_the_new_part(LocalStore(out), plan, [str(tmp_path / "in")], where)
     assert [n for n in os.listdir(out) if n.startswith(".")] == []
 
 

@@ -16,14 +16,14 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 from s3server import start_server
-from test_data_sink import StoppedAt, _stats, _table, committed, restart_and_commit
+from test_data_sink import StoppedAt, _stats, _table, committed, stopped_commit_leaves_the_new_part
 from test_pipeline import TIMEOUT_S, build_corpus, finish, kill_group, picture, proc_file, start, summary
 from test_wds import build_shards, member_json, write_shard
 
 from po_batch.data.claims import Claims
 from po_batch.data.layout import part_name
 from po_batch.data.plan import load_or_create_plan
-from po_batch.data.sink import LostUnit, Sink
+from po_batch.data.sink import Sink
 from po_batch.data.errors import PlanError
 from po_batch.data.objstore import FsspecStore
 from po_batch.data.plan import plan_from_doc, read_plan_doc
@@ -144,13 +144,7 @@ def test_a_worker_stopped_in_its_commit_while_a_restart_redid_the_unit_leaves_th
     pq.write_table(pa.table({"id": [1]}), tmp_path / "in" / "a.parquet")
     store = open_store(f"s3://{bucket}/out")
     plan = load_or_create_plan(store, [str(tmp_path / "in")], 10, {})
-    old = Sink(store, plan)
-    meanwhile, epochs = restart_and_commit(store, [str(tmp_path / "in")], "u1", [5, 6])
-    StoppedAt(old, where, meanwhile)
-    with pytest.raises(LostUnit) as e:
-        old.commit("u1", _table([1, 2]), _stats(2))
-    assert e.value.reason == "epoch"
-    assert committed(store, "u1") == ([5, 6], epochs[0])
+    stopped_commit_leaves_the_new_part(store, plan, [str(tmp_path / "in")], where)
 
 
 def test_a_commit_beaten_to_the_part_by_a_stale_writer_tries_again_and_replaces_it(s3, bucket, tmp_path):
