@@ -26,6 +26,7 @@ from po_batch.config import config_from_dict  # noqa: E402
 from po_batch.layers import attention, mlp, residual  # noqa: E402
 from po_batch.layers import compile as fusion  # noqa: E402
 from po_batch.layers import fp8 as fp8_layers  # noqa: E402
+from po_batch.models import vision as towers  # noqa: E402
 from po_batch.models.registry import open_checkpoint  # noqa: E402
 from po_batch.spec import open_spec  # noqa: E402
 
@@ -114,6 +115,7 @@ def bench_pobatch(cfg, rows, fuse: bool | None = None, reps: int = 3, profile: b
         result["host_syncs_in_launch"] = count_syncs(lambda: engine.launch(samples[:128]).result())
     if profile and DEVICE == "cuda":
         result["profile"] = profile_table(lambda: engine.score(samples[:128]))
+        result["idle"] = idle_table(lambda: engine.score(samples))
     if host_profile:
         result["host_profile"] = host_table(lambda: engine.launch(samples).result())
     del spec, engine
@@ -184,6 +186,45 @@ def host_table(fn, rows: int = 25) -> list[dict]:
     for r in out:
         print(f"  host {r['own_ms']:8.2f} ms own {r['cum_ms']:8.2f} cum {r['calls']:7d}x  {r['function'][:90]}")
     return out
+
+
+def idle_table(fn, parts: int = 10, rows: int = 12) -> dict:
+    """Where the device waits while fn() runs (CUDA activity only, so that tracing costs the host little): the
+    wall time from fn's start, the span from its first kernel to its last, the time inside it with no kernel
+    running, that idle time in each tenth of the span, and the kernels that most often started late (the idle
+    time before each, summed by name)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        t = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        wall_ms = (time.perf_counter() - t) * 1e3
+    out = {"wall_ms": wall_ms} | idle_of(sorted((e.time_range.start, e.time_range.end, e.name) for e in prof.events()
+                                                if e.device_type == DeviceType.CUDA), parts, rows)
+    print(f"idle: {out['idle_ms']:.1f} ms of a {out['span_ms']:.1f} ms span ({out['idle_share']:.1%}; wall "
+          f"{wall_ms:.1f} ms); by tenth {out['idle_ms_by_tenth']}")
+    for r in out["late_kernels"]:
+        print(f"  idle {r['idle_ms_before']:8.2f} ms before {r['name'][:90]}")
+    return out
+
+
+def idle_of(spans: list[tuple[float, float, str]], parts: int, rows: int) -> dict:
+    """idle_table's numbers from the kernels' (start, end, name) in microseconds, sorted by start."""
+    first, end = spans[0][0], spans[0][1]
+    span = max(e for _, e, _ in spans) - first
+    by_part, before = [0.0] * parts, collections.Counter()
+    for start, stop, name in spans[1:]:
+        if start > end:  # nothing ran between the last kernel's end and this one's start
+            by_part[min(parts - 1, int((end - first) / span * parts))] += start - end
+            before[name[:100]] += start - end
+        end = max(end, stop)
+    idle = sum(by_part)
+    return {"span_ms": span / 1e3, "idle_ms": idle / 1e3, "idle_share": idle / span,
+            "idle_ms_by_tenth": [round(x / 1e3, 2) for x in by_part],
+            "late_kernels": [{"name": n, "idle_ms_before": t / 1e3} for n, t in before.most_common(rows)]}
 
 
 def profile_table(fn, rows: int = 20) -> dict:
@@ -324,6 +365,9 @@ def main():
     ap.add_argument("--no-in-place", default="qwen3_0_6b",
                     help="workloads also measured with the decoders' residual projections added out of place "
                          "(layers/residual.py)")
+    ap.add_argument("--no-fused-ends", default="qwen3_vl_2b",
+                    help="workloads also measured with the vision towers' patch embedding, position and rope tables "
+                         "and mergers run eagerly (models/vision.py)")
     ap.add_argument("--div-rn", default="",
                     help="workloads also measured in fp8 with IEEE division in the one-pass quantization kernel "
                          "instead of a reciprocal and a fused multiply-add (layers/triton_quant.py)")
@@ -354,7 +398,7 @@ def main():
             "image": {"max_pixels": max_pixels}, "run": {"batch_tokens": int(budget or 16384)}})
         rows = rows_for(kind, n)
         fp8 = inductor_quant = div_rn = slow_accum = None
-        eager = varlen = no_epilogue = repeat_kv = flash_only = no_triton_full = no_in_place = None
+        eager = varlen = no_epilogue = repeat_kv = flash_only = no_triton_full = no_in_place = no_fused_ends = None
         if name in args.eager.split(","):  # before/after of the fused (torch.compile) graphs, same run
             eager = {k: v for k, v in bench_pobatch(cfg, rows, fuse=False).items() if k not in ("logits", "samples")}
         if name in args.varlen_only.split(","):  # before/after of the dense attention path for same-size images
@@ -369,6 +413,8 @@ def main():
             no_epilogue = measured_with(cfg, rows, mlp, "GELU_EPILOGUE", False)
         if name in args.no_in_place.split(","):
             no_in_place = measured_with(cfg, rows, residual, "IN_PLACE", False, fresh=True)
+        if name in args.no_fused_ends.split(","):
+            no_fused_ends = measured_with(cfg, rows, towers, "FUSE_ENDS", False, fresh=True)
         single = single8 = None
         if name in args.no_multi_kernel.split(","):  # first: then the default's graphs are compiled afresh too
             multi_kernel(False)
@@ -432,6 +478,7 @@ def main():
              "pobatch_no_gelu_epilogue": no_epilogue,
              "pobatch_repeat_kv": repeat_kv, "pobatch_flash_only": flash_only,
              "pobatch_no_triton_full": no_triton_full, "pobatch_no_in_place": no_in_place,
+             "pobatch_no_fused_ends": no_fused_ends,
              "pobatch_no_multi_kernel": single, "pobatch_fp8_no_multi_kernel": single8,
              "transformers": theirs["by_batch"], "transformers_best_batch": int(best_b),
              "speedup_vs_best": ours["samples_per_s"] / best,

@@ -1,6 +1,7 @@
-"""The fused graphs of layers/compile.py (CUDA only): a second process on the same machine runs them from inductor's
-on-disk cache, as a rerun of `po-batch run` after an interruption does."""
+"""The fused graphs of layers/compile.py: on CUDA a second process on the same machine runs them from inductor's
+on-disk cache, as a rerun of `po-batch run` after an interruption does; on the CPU they equal the eager layers."""
 
+import io
 import json
 import os
 import subprocess
@@ -9,6 +10,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from po_batch.tiny import build_checkpoint
 
@@ -46,3 +48,44 @@ def test_a_second_process_runs_the_fused_graphs_from_inductor_s_on_disk_cache(tm
         assert run.returncode == 0, run.stderr[-4000:]
     first, second = (np.array(json.loads(run.stdout.strip().splitlines()[-1])) for run in runs)
     assert first.shape == (6, 2) and np.abs(first - second).max() < 0.05
+
+
+@pytest.mark.parametrize("family", ["qwen3_vl", "qwen2_5_vl"])
+def test_the_fused_graphs_compiled_on_the_cpu_equal_the_eager_layers(tmp_path, family):
+    # inductor compiles the same graphs for the CPU: every method that layers/compile.py fuses (the towers' blocks,
+    # ends and mergers, the decoder's layers) runs compiled, without a graph break, and scores as eager does
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from po_batch.config import config_from_dict
+    from po_batch.layers.compile import FUSED
+    from po_batch.spec import open_spec
+
+    ckpt = build_checkpoint(tmp_path / "model", family)
+    cfg = config_from_dict({"model": {"path": str(ckpt)}, "output": {"path": str(tmp_path / "out")},
+                            "input": {"paths": [str(tmp_path / "unused.parquet")], "image_column": "image",
+                                      "columns": ["category"]},
+                            "task": {"prompt": "Is there a {category} in this image? Answer yes or no."}})
+    spec = open_spec(cfg, "cpu", "float32", 0)
+    engine = spec.load_engine()
+    samples = [spec.prep((png(i), {"category": "cat"})) for i in range(4)]
+    eager = engine.score(samples)
+    torch._dynamo.reset()
+    counters.clear()
+    FUSED.enable(True)
+    try:
+        fused = engine.score(samples)
+        methods = {fn.__name__ for fn in FUSED.compiled}
+    finally:
+        FUSED.enable(False)
+        FUSED.compiled.clear()
+        torch._dynamo.reset()
+    assert {"embed", "merge", "attn_in", "attn_out"} <= methods and not counters["graph_break"]
+    assert np.abs(fused - eager).max() < 1e-4
+
+
+def png(seed: int) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (64 + 8 * seed, 96 + 16 * seed, 3),
+                                                         dtype=np.uint8)).save(buf, "PNG")
+    return buf.getvalue()

@@ -11,7 +11,8 @@ from torch import nn
 
 from po_batch.layers.mlp import GatedMLP
 from po_batch.models.qwen2_vl import Qwen2VL
-from po_batch.models.vision import Merger, PatchEmbed, VisionBlock, patch_coords, rope_tables, vision_rope_theta
+from po_batch.models.vision import (Merger, PatchEmbed, VisionBlock, fused, patch_coords, rope_tables,
+                                    vision_rope_theta)
 
 
 @dataclass
@@ -89,6 +90,11 @@ class VisionModel(nn.Module):
             for _ in range(cfg.depth))
         self.merger = Merger(dim, cfg.spatial_merge_size, cfg.out_hidden_size, rms=True)
 
+    def embed(self, patches, rows, cols):
+        """The patches' embeddings, and the rope tables."""
+        return self.patch_embed(patches), *rope_tables(rows, cols, self.cfg.hidden_size // self.cfg.num_heads,
+                                                       self.cfg.rope_theta)
+
     def forward(self, patches: torch.Tensor, grids: torch.Tensor) -> torch.Tensor:
         """Expects get_context().window to hold the window lengths (the batch holds Qwen2_5_VL.window_lens)."""
         cfg = self.cfg
@@ -100,8 +106,7 @@ class VisionModel(nn.Module):
         # Regroup the uint8 patches and their coordinates; the patch embedding and the rope act per row.
         rows, cols, _, _ = patch_coords(grids, cfg.spatial_merge_size, patches.shape[0])
         rows, cols = rows.view(n, unit)[order].flatten(), cols.view(n, unit)[order].flatten()
-        x = self.patch_embed(patches.view(n, unit, -1)[order].flatten(0, 1))
-        cos, sin = rope_tables(rows, cols, cfg.hidden_size // cfg.num_heads, cfg.rope_theta)
+        x, cos, sin = fused(self.embed, patches.view(n, unit, -1)[order].flatten(0, 1), rows, cols)
         for i, block in enumerate(self.blocks):
             x = block(x, cos, sin, window=i not in cfg.fullatt_block_indexes)
         return self.merger(x)[dest]

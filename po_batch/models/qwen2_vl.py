@@ -8,8 +8,8 @@ from torch import nn
 
 from po_batch.layers.mlp import MLP
 from po_batch.models.qwen_text import TextConfig
-from po_batch.models.vision import (VL_RENAMES, Merger, PatchEmbed, VisionBlock, VisionLanguageModel, patch_coords,
-                                    rope_tables, vision_rope_theta)
+from po_batch.models.vision import (VL_RENAMES, Merger, PatchEmbed, VisionBlock, VisionLanguageModel, fused,
+                                    patch_coords, rope_tables, vision_rope_theta)
 
 # transformers' PatchMerger keeps its norm and MLP as `ln_q` and an nn.Sequential
 MERGER_RENAMES = [(r"\.merger\.ln_q\.", ".merger.norm."), (r"\.merger\.mlp\.0\.", ".merger.fc1."),
@@ -49,11 +49,15 @@ class VisionModel(nn.Module):
             VisionBlock(dim, cfg.num_heads, MLP(dim, cfg.mlp_hidden, cfg.hidden_act)) for _ in range(cfg.depth))
         self.merger = Merger(dim, cfg.spatial_merge_size, cfg.out_hidden_size)
 
+    def embed(self, patches, rows, cols):
+        """The patches' embeddings, and the rope tables."""
+        return self.patch_embed(patches), *rope_tables(rows, cols, self.cfg.embed_dim // self.cfg.num_heads,
+                                                       self.cfg.rope_theta)
+
     def forward(self, patches: torch.Tensor, grids: torch.Tensor) -> torch.Tensor:
         cfg = self.cfg
         rows, cols, _, _ = patch_coords(grids, cfg.spatial_merge_size, patches.shape[0])
-        x = self.patch_embed(patches)
-        cos, sin = rope_tables(rows, cols, cfg.embed_dim // cfg.num_heads, cfg.rope_theta)
+        x, cos, sin = fused(self.embed, patches, rows, cols)
         for block in self.blocks:
             x = block(x, cos, sin)
         return self.merger(x)

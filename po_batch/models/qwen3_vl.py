@@ -8,8 +8,8 @@ from torch import nn
 
 from po_batch.layers.mlp import MLP
 from po_batch.models.qwen_text import TextConfig
-from po_batch.models.vision import (VL_RENAMES, Merger, PatchEmbed, VisionBlock, VisionLanguageModel, patch_coords,
-                                    rope_tables, vision_rope_theta)
+from po_batch.models.vision import (VL_RENAMES, Merger, PatchEmbed, VisionBlock, VisionLanguageModel, fused,
+                                    patch_coords, rope_tables, vision_rope_theta)
 
 
 @dataclass
@@ -74,11 +74,15 @@ class VisionModel(nn.Module):
                 + (table[r1 * self.side + c0] * (fr * (1 - fc))[:, None])
                 + (table[r1 * self.side + c1] * (fr * fc)[:, None]))
 
+    def embed(self, patches, rows, cols, heights, widths):
+        """The patches' embeddings with their positions, and the rope tables."""
+        x = self.patch_embed(patches) + self.interpolated_pos(rows, cols, heights, widths).to(self.pos_embed.weight.dtype)
+        return x, *rope_tables(rows, cols, self.cfg.hidden_size // self.cfg.num_heads, self.cfg.rope_theta)
+
     def forward(self, patches: torch.Tensor, grids: torch.Tensor):
         cfg = self.cfg
         rows, cols, heights, widths = patch_coords(grids, cfg.spatial_merge_size, patches.shape[0])
-        x = self.patch_embed(patches) + self.interpolated_pos(rows, cols, heights, widths).to(self.pos_embed.weight.dtype)
-        cos, sin = rope_tables(rows, cols, cfg.hidden_size // cfg.num_heads, cfg.rope_theta)
+        x, cos, sin = fused(self.embed, patches, rows, cols, heights, widths)
         deepstack = []
         for i, block in enumerate(self.blocks):
             x = block(x, cos, sin)

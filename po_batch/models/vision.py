@@ -21,6 +21,17 @@ VL_RENAMES = [(r"^visual\.", "model.visual."), (r"^model\.(?!visual|language_mod
               (r"^language_model\.", "model.language_model.")]
 
 
+# The towers' work outside their blocks -- the patches' normalisation and embedding, Qwen3-VL's interpolated
+# position embeddings, the rope tables, the mergers -- runs as fused graphs too (layers/compile.py) rather than as a
+# dozen eager kernels over every patch, each writing float32. A switch so that benchmarks can compare both.
+FUSE_ENDS = True
+
+
+def fused(method, *args):
+    """FUSED.call(method, *args); method(*args) with FUSE_ENDS off."""
+    return FUSED.call(method, *args) if FUSE_ENDS else method(*args)
+
+
 def vision_rope_theta(d: dict) -> float:
     """The vision rope's θ from a vision_config: 10000 unless rope_parameters says otherwise."""
     return float((d.get("rope_parameters") or {}).get("rope_theta", 10000.0))
@@ -122,6 +133,9 @@ class Merger(nn.Module):
         self.fc2 = nn.Linear(self.group, out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return fused(self.merge, x)
+
+    def merge(self, x: torch.Tensor) -> torch.Tensor:
         x = self.norm(x.view(-1, self.group)) if self.postshuffle else self.norm(x).view(-1, self.group)
         return self.fc2(F.gelu(self.fc1(x)))
 
