@@ -8,6 +8,7 @@ bf16 matmul rate, peak GPU memory, and bf16 parity (max |Δ P(yes)|, answer agre
 
 import argparse
 import collections
+import contextlib
 import gc
 import json
 import math
@@ -123,21 +124,29 @@ def bench_pobatch(cfg, rows, fuse: bool | None = None, reps: int = 3, profile: b
     return result | {"logits": logits, "samples": samples}
 
 
-def measured_with(cfg, rows, module, switch: str, value, fresh: bool = False) -> dict:
-    """po-batch's numbers with `module.switch` set to `value` for this measurement (then back); `fresh`: the fused
-    graphs are compiled again before and after."""
+@contextlib.contextmanager
+def switched(module, switch: str, value, fresh: bool = False):
+    """`module.switch` set to `value` inside the block (then back); `fresh`: the fused graphs are compiled again
+    before and after."""
     old = getattr(module, switch)
     setattr(module, switch, value)
     if fresh:
         fresh_graphs()
     try:
-        return {k: v for k, v in bench_pobatch(cfg, rows).items() if k not in ("logits", "samples")}
-    except Exception:  # a failure here must not cost the rest of the run
-        return {"error": traceback.format_exc()[-3000:]}
+        yield
     finally:
         setattr(module, switch, old)
         if fresh:
             fresh_graphs()
+
+
+def measured_with(cfg, rows, module, switch: str, value, fresh: bool = False) -> dict:
+    """po-batch's numbers with `module.switch` set to `value` for this measurement (see switched)."""
+    with switched(module, switch, value, fresh):
+        try:
+            return {k: v for k, v in bench_pobatch(cfg, rows).items() if k not in ("logits", "samples")}
+        except Exception:  # a failure here must not cost the rest of the run
+            return {"error": traceback.format_exc()[-3000:]}
 
 
 def multi_kernel(on: bool) -> None:
@@ -435,25 +444,19 @@ def main():
             r8, fp8 = fp8_against(cfg8, rows, ours, profile=name in args.profile.split(","))
             print(f"{name} fp8: {fp8}", flush=True)
             if name in args.no_fast_accum.split(",") and "error" not in fp8:
-                fp8_layers.FAST_ACCUM = False
-                fresh_graphs()
-                slow_accum = fp8_against(cfg8, rows, ours)[1]
+                with switched(fp8_layers, "FAST_ACCUM", False, fresh=True):
+                    slow_accum = fp8_against(cfg8, rows, ours)[1]
                 slow_accum["fast_accum_speedup"] = r8["samples_per_s"] / slow_accum.get("samples_per_s", float("nan"))
-                fp8_layers.FAST_ACCUM = True
-                fresh_graphs()
                 print(f"{name} fp8 without fast accumulation: {slow_accum}", flush=True)
             if name in args.inductor_quant.split(",") and "error" not in fp8:
-                fp8_layers.TRITON_QUANT = False
-                fresh_graphs()
-                try:
-                    rq = bench_pobatch(cfg8, rows, profile=name in args.profile.split(","))
-                    inductor_quant = {k: v for k, v in rq.items() if k not in ("logits", "samples")}
-                    inductor_quant["triton_speedup"] = r8["samples_per_s"] / rq["samples_per_s"]
-                    inductor_quant["parity_vs_triton_quant"] = parity(rq["logits"], r8["logits"])
-                except Exception:
-                    inductor_quant = {"error": traceback.format_exc()[-3000:]}
-                fp8_layers.TRITON_QUANT = True
-                fresh_graphs()
+                with switched(fp8_layers, "TRITON_QUANT", False, fresh=True):
+                    try:
+                        rq = bench_pobatch(cfg8, rows, profile=name in args.profile.split(","))
+                        inductor_quant = {k: v for k, v in rq.items() if k not in ("logits", "samples")}
+                        inductor_quant["triton_speedup"] = r8["samples_per_s"] / rq["samples_per_s"]
+                        inductor_quant["parity_vs_triton_quant"] = parity(rq["logits"], r8["logits"])
+                    except Exception:
+                        inductor_quant = {"error": traceback.format_exc()[-3000:]}
                 print(f"{name} fp8 with inductor's quantization: {inductor_quant}", flush=True)
             if name in args.div_rn.split(",") and "error" not in fp8:
                 from po_batch.layers import triton_quant

@@ -1,7 +1,6 @@
 """The fused graphs of layers/compile.py: on CUDA a second process on the same machine runs them from inductor's
 on-disk cache, as a rerun of `po-batch run` after an interruption does; on the CPU they equal the eager layers."""
 
-import io
 import json
 import os
 import subprocess
@@ -10,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from test_fp8 import png
 
 from po_batch.tiny import build_checkpoint
 
@@ -82,10 +81,3 @@ def test_the_fused_graphs_compiled_on_the_cpu_equal_the_eager_layers(tmp_path):
         torch._dynamo.reset()
     assert {"embed", "merge", "attn_in", "attn_out"} <= methods and not counters["graph_break"]
     assert np.abs(fused - eager).max() < 1e-4
-
-
-def png(seed: int) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (64 + 8 * seed, 96 + 16 * seed, 3),
-                                                         dtype=np.uint8)).save(buf, "PNG")
-    return buf.getvalue()
