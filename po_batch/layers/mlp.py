@@ -22,24 +22,6 @@ def activation(name: str):
     return ACTIVATIONS[name]
 
 
-# On CUDA, an MLP's activation is applied inside its second matmul, as that matmul reads the first one's output
-# (layers/triton_act_mm.py), instead of in a separate pass over the widest activations of the layer. A switch so that
-# benchmarks can compare both.
-ACT_MATMUL = True
-
-
-def _act_matmul_applies(linear: nn.Module, h: torch.Tensor, residual: torch.Tensor | None) -> bool:
-    return (ACT_MATMUL and h.is_cuda and type(linear) is nn.Linear and h.dim() == 2 and not torch.is_grad_enabled()
-            and h.dtype == linear.weight.dtype in (torch.bfloat16, torch.float16)
-            and (residual is None or residual.dtype == h.dtype and residual.is_contiguous()))
-
-
-def _act_matmul(h, linear: nn.Linear, act: str, gated: bool, residual: torch.Tensor | None) -> torch.Tensor:
-    from po_batch.layers.triton_act_mm import act_matmul
-
-    return act_matmul(h, linear.weight, linear.bias, act, gated, residual)
-
-
 class GatedMLP(nn.Module):
     """down(act(gate(x)) * up(x)), with gate and up fused into one matmul."""
 
@@ -56,8 +38,6 @@ class GatedMLP(nn.Module):
         if isinstance(self.down_proj, Fp8Linear) and self.down_proj.fuses(h):
             out = self.down_proj.after_activation(h, self.act_name, gated=True)
             return out if residual is None else residual + out
-        if _act_matmul_applies(self.down_proj, h, residual):
-            return _act_matmul(h, self.down_proj, self.act_name, True, residual)
         gate, up = h.chunk(2, dim=-1)
         return add_projection(residual, self.down_proj, self.act(gate) * up)
 
@@ -87,6 +67,4 @@ class MLP(nn.Module):
         if isinstance(self.fc2, Fp8Linear) and self.fc2.fuses(h):
             out = self.fc2.after_activation(h, self.act_name, gated=False)
             return out if residual is None else residual + out
-        if _act_matmul_applies(self.fc2, h, residual):
-            return _act_matmul(h, self.fc2, self.act_name, False, residual)
         return add_projection(residual, self.fc2, self.act(h))

@@ -21,8 +21,9 @@ FMA_DIVISION = True
 
 
 @triton.jit
-def activate(x, ACT: tl.constexpr):
-    """The activation numbered ACT (ACTS) of float32 values."""
+def _act(X, row, stride_x, n, cols, mask, ACT: tl.constexpr, GATED: tl.constexpr):
+    """act(x) (* up) of the columns `cols` of one row, rounded to X's dtype, in float32."""
+    x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
     if ACT == 1:
         h = x * tl.sigmoid(x)
     elif ACT == 2:
@@ -33,13 +34,6 @@ def activate(x, ACT: tl.constexpr):
         h = x * tl.sigmoid(1.702 * x)
     else:
         h = x
-    return h
-
-
-@triton.jit
-def _act(X, row, stride_x, n, cols, mask, ACT: tl.constexpr, GATED: tl.constexpr):
-    """act(x) (* up) of the columns `cols` of one row, rounded to X's dtype, in float32."""
-    h = activate(tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32), ACT)
     if GATED:
         h = h * tl.load(X + row * stride_x + n + cols, mask=mask, other=0.0).to(tl.float32)
     return h.to(X.dtype.element_ty).to(tl.float32)
