@@ -377,9 +377,6 @@ def main():
     ap.add_argument("--no-fused-ends", default="qwen3_vl_2b",
                     help="workloads also measured with the vision towers' patch embedding, position and rope tables "
                          "and mergers run eagerly (models/vision.py)")
-    ap.add_argument("--max-autotune", default="",
-                    help="workloads also measured with inductor's autotuning of the graphs' matmuls against its "
-                         "Triton templates (layers/compile.py)")
     ap.add_argument("--div-rn", default="",
                     help="workloads also measured in fp8 with IEEE division in the one-pass quantization kernel "
                          "instead of a reciprocal and a fused multiply-add (layers/triton_quant.py)")
@@ -411,7 +408,6 @@ def main():
         rows = rows_for(kind, n)
         fp8 = inductor_quant = div_rn = slow_accum = None
         eager = varlen = no_epilogue = repeat_kv = flash_only = no_triton_full = no_in_place = no_fused_ends = None
-        max_autotune = None
         if name in args.eager.split(","):  # before/after of the fused (torch.compile) graphs, same run
             eager = {k: v for k, v in bench_pobatch(cfg, rows, fuse=False).items() if k not in ("logits", "samples")}
         if name in args.varlen_only.split(","):  # before/after of the dense attention path for same-size images
@@ -428,9 +424,6 @@ def main():
             no_in_place = measured_with(cfg, rows, residual, "IN_PLACE", False, fresh=True)
         if name in args.no_fused_ends.split(","):
             no_fused_ends = measured_with(cfg, rows, towers, "FUSE_ENDS", False, fresh=True)
-        if name in args.max_autotune.split(","):
-            max_autotune = measured_with(cfg, rows, fusion, "MAX_AUTOTUNE", True, fresh=True)
-            print(f"{name} with max autotune: {max_autotune}", flush=True)
         single = single8 = None
         if name in args.no_multi_kernel.split(","):  # first: then the default's graphs are compiled afresh too
             multi_kernel(False)
@@ -488,7 +481,7 @@ def main():
              "pobatch_no_gelu_epilogue": no_epilogue,
              "pobatch_repeat_kv": repeat_kv, "pobatch_flash_only": flash_only,
              "pobatch_no_triton_full": no_triton_full, "pobatch_no_in_place": no_in_place,
-             "pobatch_no_fused_ends": no_fused_ends, "pobatch_max_autotune": max_autotune,
+             "pobatch_no_fused_ends": no_fused_ends,
              "pobatch_no_multi_kernel": single, "pobatch_fp8_no_multi_kernel": single8,
              "transformers": theirs["by_batch"], "transformers_best_batch": int(best_b),
              "speedup_vs_best": ours["samples_per_s"] / best,

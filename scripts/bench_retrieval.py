@@ -27,7 +27,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchlib  # noqa: E402
 
 from po_batch.config import config_from_dict  # noqa: E402
-from po_batch.layers import compile as fusion  # noqa: E402
 from po_batch.spec import open_spec  # noqa: E402
 from po_batch.tasks.recipes import BGE_PROMPT, QWEN3_INSTRUCTION, QWEN3_PREFIX, QWEN3_SUFFIX, bge_ids  # noqa: E402
 
@@ -190,17 +189,6 @@ def parity(workload: str, ours: np.ndarray, theirs: np.ndarray) -> dict:
             "same_side_of_half": float(((ours > 0.5) == (theirs > 0.5)).mean())}
 
 
-def autotuned(on: bool) -> None:
-    """Inductor's autotuning of the matmuls on or off for the engines loaded from here on (their graphs compiled
-    again where it changes)."""
-    if fusion.MAX_AUTOTUNE != on:
-        import torch._dynamo
-
-        fusion.MAX_AUTOTUNE = on
-        fusion.FUSED.compiled.clear()
-        torch._dynamo.reset()
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--workloads", default=",".join(WORKLOADS))
@@ -218,11 +206,7 @@ def main():
               "matmul_tflops": benchlib.matmul_tflops() if DEVICE == "cuda" else float("nan")}
     hf_runs = {}
     for name in args.workloads.split(","):
-        name, autotune = name.removesuffix("+autotune"), name.endswith("+autotune")
-        key = name + "+autotune" * autotune
-        key += f"#{sum(k.split('#')[0] == key for k in record['workloads']) + 1}" * (key in record["workloads"])
         base, _, budget = name.partition("@")  # name@N: the same workload with batch_tokens N
-        autotuned(autotune)  # name+autotune: with inductor's autotuning of the matmuls (layers/compile.py)
         ckpt = benchlib.make_checkpoint(WORKLOADS[base], Path(args.work) / WORKLOADS[base], DEVICE,
                                         tiny=args.cpu_smoke)
         rows = rows_for(base, args.rows)
@@ -243,8 +227,8 @@ def main():
              "mfu": ours["rows_per_s"] * flops / (record["matmul_tflops"] * 1e12),
              "transformers_mfu": best * flops / (record["matmul_tflops"] * 1e12),
              "parity": parity(base, ours["values"], theirs["values"])}
-        record["workloads"][key] = w
-        print(f"{key}: po-batch {ours['rows_per_s']:.1f} rows/s vs transformers best {best:.1f} (b={best_b}) -> "
+        record["workloads"][name] = w
+        print(f"{name}: po-batch {ours['rows_per_s']:.1f} rows/s vs transformers best {best:.1f} (b={best_b}) -> "
               f"{w['speedup_vs_best']:.2f}x, peak {ours['peak_gib']:.2f} GiB, parity {w['parity']}", flush=True)
         benchlib.write_json(Path(args.out), record)  # after each workload: a time-out keeps what was measured
     print(f"\n{'workload':<20}{'po-batch/s':>12}{'hf best/s':>12}{'ratio':>8}{'MFU':>8}{'peak GiB':>10}"

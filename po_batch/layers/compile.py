@@ -15,10 +15,6 @@ import os
 import torch
 
 MULTI_KERNEL = True  # a switch so that benchmarks can compare both
-# Inductor's autotuning of the graphs' matmuls (max_autotune_gemm): each timed against its Triton templates, with the
-# graph's pointwise work fused into a template's epilogue where that was faster. A switch so that benchmarks can
-# compare both.
-MAX_AUTOTUNE = False
 
 
 class Fusion:
@@ -33,7 +29,6 @@ class Fusion:
 
             torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
             torch._inductor.config.triton.multi_kernel = int(MULTI_KERNEL)
-            torch._inductor.config.max_autotune_gemm = MAX_AUTOTUNE
             # the pick of a multi-kernel is timed again in each process rather than read from inductor's file
             # beside its cache: under torch 2.11 every second process on a machine (a rerun, the next array task)
             # failed there in Triton, the kernel's JITFunction back from the cache without its lock
