@@ -119,7 +119,7 @@ def bench_pobatch(cfg, rows, fuse: bool | None = None, reps: int = 3, profile: b
         result["idle"] = idle_table(lambda: engine.score(samples))
     if host_profile:
         result["host_profile"] = host_table(lambda: engine.launch(samples).result())
-    del spec, engine
+    spec = engine = None  # released before the memory is reset
     reset_memory()
     return result | {"logits": logits, "samples": samples}
 
@@ -315,9 +315,9 @@ def bench_hf(ckpt_dir, rows, cfg, token_ids, batches) -> dict:
                 logits = torch.cat(outs).numpy()
         except torch.OutOfMemoryError:
             result[str(b)] = None
-        del inputs
+        inputs = None
         reset_memory()
-    del model
+    model = None
     reset_memory()
     return {"by_batch": result, "logits": logits}
 

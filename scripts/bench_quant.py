@@ -89,7 +89,7 @@ def main():
               + "  ".join(f"{how[7:] or 'picked'} {r[how]['ms']:6.3f} ({r[how]['gb_per_s']:5.0f})"
                           for how in ("triton", "triton_whole", "triton_chunked", "triton_div_rn"))
               + f"  {r['triton_vs_inductor']:.2f}x  e4m3 equal {r['e4m3_equal_to_eager']:.4f}", flush=True)
-        del x, q, s, want_q, want_s
+        x = q = s = want_q = want_s = None
         torch.cuda.empty_cache()
     benchlib.write_json(Path(args.out), record)
 

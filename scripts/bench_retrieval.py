@@ -105,7 +105,7 @@ def bench_pobatch(cfg, rows, reps: int) -> dict:
            "mean_tokens": float(np.mean([s.tokens for s in samples])),
            "weights_gib": sum(p.numel() * p.element_size() for p in engine.model.parameters()) / 2 ** 30,
            "values": values if task.head == "hidden" else task.probs(values)[:, 0], "samples": samples}
-    del engine
+    engine = None
     reset()
     return out
 
@@ -172,9 +172,9 @@ def bench_hf(workload: str, ckpt, rows, batches, reps: int) -> dict:
                 values = torch.cat(outs).numpy()
         except torch.OutOfMemoryError:
             result[str(b)] = None
-        del inputs
+        inputs = None
         reset()
-    del model
+    model = None
     reset()
     return {"by_batch": result, "values": values}
 

@@ -10,9 +10,9 @@ import torch
 from torch import nn
 
 from po_batch.layers.mlp import GatedMLP
+from po_batch.models import qwen2_vl
 from po_batch.models.qwen2_vl import Qwen2VL
-from po_batch.models.vision import (Merger, PatchEmbed, VisionBlock, fused, patch_coords, rope_tables,
-                                    vision_rope_theta)
+from po_batch.models.vision import Merger, PatchEmbed, VisionBlock, fused, patch_coords, vision_rope_theta
 
 
 @dataclass
@@ -44,6 +44,10 @@ class VisionConfig:
             raise ValueError(f"vision_config.window_size {cfg.window_size} is smaller than one merged token "
                              f"({cfg.patch_size * cfg.spatial_merge_size} px)")
         return cfg
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
 
     @property
     def window_side(self) -> int:
@@ -79,9 +83,11 @@ def window_lens(grid_list: list[tuple[int, int, int]], merge: int, side: int) ->
     return lens
 
 
-class VisionModel(nn.Module):
+class VisionModel(qwen2_vl.VisionModel):
+    """Qwen2-VL's tower (its `embed`) with these blocks and merger, run window by window."""
+
     def __init__(self, cfg: VisionConfig):
-        super().__init__()
+        nn.Module.__init__(self)
         self.cfg = cfg
         dim = cfg.hidden_size
         self.patch_embed = PatchEmbed(cfg.in_channels, cfg.temporal_patch_size, cfg.patch_size, dim, bias=False)
@@ -89,11 +95,6 @@ class VisionModel(nn.Module):
             VisionBlock(dim, cfg.num_heads, GatedMLP(dim, cfg.intermediate_size, cfg.hidden_act, bias=True), rms=True)
             for _ in range(cfg.depth))
         self.merger = Merger(dim, cfg.spatial_merge_size, cfg.out_hidden_size, rms=True)
-
-    def embed(self, patches, rows, cols):
-        """The patches' embeddings, and the rope tables."""
-        return self.patch_embed(patches), *rope_tables(rows, cols, self.cfg.hidden_size // self.cfg.num_heads,
-                                                       self.cfg.rope_theta)
 
     def forward(self, patches: torch.Tensor, grids: torch.Tensor) -> torch.Tensor:
         """Expects get_context().window to hold the window lengths (the batch holds Qwen2_5_VL.window_lens)."""

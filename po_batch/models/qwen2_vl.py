@@ -38,6 +38,10 @@ class VisionConfig:
                    temporal_patch_size=d.get("temporal_patch_size", 2), out_hidden_size=d["hidden_size"],
                    in_channels=d.get("in_channels", d.get("in_chans", 3)), rope_theta=vision_rope_theta(d))
 
+    @property
+    def head_dim(self) -> int:
+        return self.embed_dim // self.num_heads
+
 
 class VisionModel(nn.Module):
     def __init__(self, cfg: VisionConfig):
@@ -51,8 +55,7 @@ class VisionModel(nn.Module):
 
     def embed(self, patches, rows, cols):
         """The patches' embeddings, and the rope tables."""
-        return self.patch_embed(patches), *rope_tables(rows, cols, self.cfg.embed_dim // self.cfg.num_heads,
-                                                       self.cfg.rope_theta)
+        return self.patch_embed(patches), *rope_tables(rows, cols, self.cfg.head_dim, self.cfg.rope_theta)
 
     def forward(self, patches: torch.Tensor, grids: torch.Tensor) -> torch.Tensor:
         cfg = self.cfg
