@@ -77,13 +77,14 @@ INIT = 0.2
 
 
 def build_tokenizer(extra_first: int = 0, roles: dict = QWEN_ROLES, specials: list[str] = SPECIAL_TOKENS[1:],
-                    extra_special: list[str] = ()):
+                    extra_special: list[str] = (), corpus: list[str] = ()):
     """A byte-level BPE like Qwen's, trained on a few prompts; `extra_first` shifts the special-token ids; `roles`
-    and `specials` are the family's special tokens (Qwen's by default), `extra_special` a model's own on top."""
+    and `specials` are the family's special tokens (Qwen's by default), `extra_special` a model's own on top;
+    `corpus`: more prompts to train on (each with a {} for a word)."""
     from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers
     from transformers import Qwen2Tokenizer
 
-    texts = [t.format(w, w) for t in CORPUS for w in WORDS] * 4
+    texts = [t.format(w, w) for t in CORPUS + list(corpus) for w in WORDS] * 4
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()

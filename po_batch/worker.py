@@ -178,9 +178,11 @@ class Runner:
     # --- scoring (main thread) -------------------------------------------------------------------
 
     def run(self, progress: Progress) -> int:
+        from po_batch.engine.batch import common_rows, worth_sharing
+
         pool = PrepPool(self.spec.prep, self.spec.workers, inflight=max(256, 4 * self.cfg.run.batch_tokens // 64),
                         row_timeout=self.cfg.run.row_timeout_s)
-        pending, tokens = [], 0
+        pending, tokens, lead = [], 0, 0
         if self.claims:
             stall_s = self.cfg.run.claim_ttl_s / 2
             self.claims.start_heartbeat(max(1.0, self.cfg.run.claim_ttl_s / 10),
@@ -204,9 +206,15 @@ class Runner:
                 # Score before the budget would be exceeded (past it, the engine would split off a batch of
                 # one), and at each unit's end: a batch of one unit's rows makes the unit's scores independent
                 # of its neighbours, so a resumed or shared run reproduces an uninterrupted one bit for bit.
-                if pending and (pending[-1][0] is not st or tokens + result.tokens > self.cfg.run.batch_tokens):
+                # The rows that all of a batch's samples begin with run once (engine/batch.py), and count once.
+                if pending and pending[-1][0] is st:
+                    common = common_rows(pending[0][3], result, self.engine.image_token_id)
+                    common = min(common, lead) if len(pending) > 1 else common
+                    cost = tokens + result.tokens - len(pending) * worth_sharing(common)
+                if pending and (pending[-1][0] is not st or cost > self.cfg.run.batch_tokens):
                     self.score(pending, progress)
                     pending, tokens = [], 0
+                lead = common if pending else 0
                 pending.append((st, i, n, result))
                 tokens += result.tokens
             self.score(pending, progress)

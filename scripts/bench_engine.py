@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchlib  # noqa: E402
 
 from po_batch.config import config_from_dict  # noqa: E402
+from po_batch.engine import batch as batching  # noqa: E402
 from po_batch.layers import attention, mlp, residual  # noqa: E402
 from po_batch.layers import compile as fusion  # noqa: E402
 from po_batch.layers import fp8 as fp8_layers  # noqa: E402
@@ -111,6 +112,7 @@ def bench_pobatch(cfg, rows, fuse: bool | None = None, reps: int = 3, profile: b
               "weights_gib": weights / 2 ** 30, "attention": engine.attention, "batch_tokens": engine.batch_tokens,
               "warmup_s": warmup_s, "mean_tokens": float(np.mean([s.tokens for s in samples])),
               "grid": list(samples[0].grid) if samples[0].grid else None,
+              "shared_prefix": batching.shared_prefix(samples, engine.image_token_id),
               "host_queue_share": queued_s / (time.perf_counter() - t)}
     if DEVICE == "cuda":
         result["host_syncs_in_launch"] = count_syncs(lambda: engine.launch(samples[:128]).result())
@@ -383,6 +385,12 @@ def main():
     ap.add_argument("--no-fast-accum", default="qwen3_vl_2b",
                     help="workloads also measured in fp8 with torch._scaled_mm's float32 accumulation instead of "
                          "the tensor cores' (layers/fp8.py)")
+    ap.add_argument("--no-shared-prefix", default="",
+                    help="workloads also measured with every sample's prefix run in full, not once a batch "
+                         "(engine/batch.py SHARE_PREFIX)")
+    ap.add_argument("--prefix-in-place", default="",
+                    help="workloads also measured with a batch's shared prefix read in place by the Triton kernel "
+                         "instead of gathered (layers/attention.py PREFIX_IN_PLACE)")
     ap.add_argument("--host-profile", default="", help="workloads whose queuing of the rows is profiled on the host")
     ap.add_argument("--cpu-smoke", action="store_true", help="a tiny model on the CPU, to check the script itself")
     args = ap.parse_args()
@@ -408,6 +416,11 @@ def main():
         rows = rows_for(kind, n)
         fp8 = inductor_quant = div_rn = slow_accum = None
         eager = varlen = no_epilogue = repeat_kv = flash_only = no_triton_full = no_in_place = no_fused_ends = None
+        unshared = in_place_prefix = None
+        if name in args.no_shared_prefix.split(","):
+            unshared = measured_with(cfg, rows, batching, "SHARE_PREFIX", 0)
+        if name in args.prefix_in_place.split(","):
+            in_place_prefix = measured_with(cfg, rows, attention, "PREFIX_IN_PLACE", True)
         if name in args.eager.split(","):  # before/after of the fused (torch.compile) graphs, same run
             eager = {k: v for k, v in bench_pobatch(cfg, rows, fuse=False).items() if k not in ("logits", "samples")}
         if name in args.varlen_only.split(","):  # before/after of the dense attention path for same-size images
@@ -481,7 +494,8 @@ def main():
              "pobatch_no_gelu_epilogue": no_epilogue,
              "pobatch_repeat_kv": repeat_kv, "pobatch_flash_only": flash_only,
              "pobatch_no_triton_full": no_triton_full, "pobatch_no_in_place": no_in_place,
-             "pobatch_no_fused_ends": no_fused_ends,
+             "pobatch_no_fused_ends": no_fused_ends, "pobatch_no_shared_prefix": unshared,
+             "pobatch_prefix_in_place": in_place_prefix,
              "pobatch_no_multi_kernel": single, "pobatch_fp8_no_multi_kernel": single8,
              "transformers": theirs["by_batch"], "transformers_best_batch": int(best_b),
              "speedup_vs_best": ours["samples_per_s"] / best,

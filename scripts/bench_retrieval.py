@@ -6,9 +6,13 @@ its card's prompt (transformers: the card's tokens, left-padded, logits_to_keep=
 bge-reranker-v2-gemma shapes (Gemma-2B), the same pairs, its card's get_inputs tokens (left-padded,
 logits_to_keep=1, sigmoid of the "Yes" logit).
 Reports rows/s, the ratio, MFU against the card's measured bf16 matmul rate, peak GPU memory and bf16 parity.
+MFU counts the flops of each row as if run alone; where a batch runs its rows' common prefix once
+(engine/batch.py), `mfu_executed` counts the flops run. A workload named name+unshared runs every prefix in full,
+name+in-place reads a shared prefix's keys in place in the Triton kernel (layers/attention.py PREFIX_IN_PLACE).
 
     python scripts/bench_retrieval.py [--workloads embed_qwen3_vl_2b,rerank_qwen3_0_6b,rerank_bge_gemma] [--rows 512]
     python scripts/bench_retrieval.py --cpu-smoke     # tiny models on the CPU: checks the script itself
+    python scripts/bench_retrieval.py --cpu --rows 16 --reps 1 --workloads rerank_qwen3_0_6b,rerank_qwen3_0_6b+unshared
 """
 
 import argparse
@@ -27,13 +31,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchlib  # noqa: E402
 
 from po_batch.config import config_from_dict  # noqa: E402
+from po_batch.engine import batch as batching  # noqa: E402
+from po_batch.layers import attention  # noqa: E402
 from po_batch.spec import open_spec  # noqa: E402
 from po_batch.tasks.recipes import BGE_PROMPT, QWEN3_INSTRUCTION, QWEN3_PREFIX, QWEN3_SUFFIX, bge_ids  # noqa: E402
 
 WORDS = "the a photo of red blue green dog cat car tree house boat person building street light shadow window".split()
 SYSTEM = "Represent the user's input."  # Qwen3VLEmbedder's default instruction
-WORKLOADS = {"embed_qwen3_vl_2b": "qwen3_vl_2b", "rerank_qwen3_0_6b": "qwen3_0_6b", "rerank_bge_gemma": "gemma_2b"}
+WORKLOADS = {"embed_qwen3_vl_2b": "qwen3_vl_2b", "rerank_qwen3_0_6b": "qwen3_reranker_0_6b",
+             "rerank_bge_gemma": "gemma_2b"}
 DEVICE, DTYPE = "cuda", "bfloat16"
+# name+variant: the workload with a switch set otherwise: (module, switch, (default, value))
+VARIANTS = {"unshared": (batching, "SHARE_PREFIX", (batching.SHARE_PREFIX, 0)),  # every prefix run in full
+            "in-place": (attention, "PREFIX_IN_PLACE", (attention.PREFIX_IN_PLACE, True))}  # no gather of a prefix
 
 
 def sync():
@@ -103,6 +113,7 @@ def bench_pobatch(cfg, rows, reps: int) -> dict:
     out = {"rows_per_s": len(rows) / dt, "rep_s": each, "peak_gib": peak_gib(), "warmup_s": warmup_s,
            "fused": engine.fuse, "attention": engine.attention, "batch_tokens": engine.batch_tokens,
            "mean_tokens": float(np.mean([s.tokens for s in samples])),
+           "shared_prefix": batching.shared_prefix(samples, engine.image_token_id),
            "weights_gib": sum(p.numel() * p.element_size() for p in engine.model.parameters()) / 2 ** 30,
            "values": values if task.head == "hidden" else task.probs(values)[:, 0], "samples": samples}
     engine = None
@@ -197,26 +208,39 @@ def main():
     ap.add_argument("--work", default="/tmp/po-batch-bench")
     ap.add_argument("--out", default=str(benchlib.ROOT / "bench" / "results" / "retrieval.json"))
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny models on the CPU, to check the script itself")
+    ap.add_argument("--cpu", action="store_true",
+                    help="the published shapes on the CPU in float32 (transformers at batch 8 and 16): slow, for "
+                         "A/Bs of the engine's own work where no GPU is at hand")
     args = ap.parse_args()
     global DEVICE, DTYPE
-    if args.cpu_smoke:
+    if args.cpu_smoke or args.cpu:
         DEVICE, DTYPE = "cpu", "float32"
+    if args.cpu_smoke:
         args.rows, args.reps, args.work = min(args.rows, 24), 1, args.work + "-tiny"
     record = {"env": benchlib.environment(), "workloads": {},
               "matmul_tflops": benchlib.matmul_tflops() if DEVICE == "cuda" else float("nan")}
     hf_runs = {}
-    for name in args.workloads.split(","):
+    for key in args.workloads.split(","):
+        name, *variants = key.split("+")
+        if set(variants) - VARIANTS.keys():
+            ap.error(f"{key}: the variants are {', '.join(VARIANTS)}")
+        for variant, (module, switch, (default, value)) in VARIANTS.items():
+            setattr(module, switch, value if variant in variants else default)
+        key += f"#{sum(k.split('#')[0] == key for k in record['workloads']) + 1}" * (key in record["workloads"])
         base, _, budget = name.partition("@")  # name@N: the same workload with batch_tokens N
         ckpt = benchlib.make_checkpoint(WORKLOADS[base], Path(args.work) / WORKLOADS[base], DEVICE,
                                         tiny=args.cpu_smoke)
         rows = rows_for(base, args.rows)
         ours = bench_pobatch(config(base, ckpt, int(budget or 16384)), rows, args.reps)
         if base not in hf_runs:  # once per workload: its @N variants differ in po-batch's budget only
-            hf_runs[base] = bench_hf(base, ckpt, rows, (4, 8) if args.cpu_smoke else benchlib.HF_BATCHES, args.reps)
+            batches = (4, 8) if args.cpu_smoke else (8, 16) if args.cpu else benchlib.HF_BATCHES
+            hf_runs[base] = bench_hf(base, ckpt, rows, batches, args.reps)
         theirs = hf_runs[base]
         cfg_json = json.loads((ckpt / "config.json").read_text())
         flops = float(np.mean([benchlib.model_flops(cfg_json, s.tokens - (s.grid[1] * s.grid[2] // 4 if s.grid else 0),
                                                     s.grid) for s in ours["samples"]]))
+        shared, groups = ours["shared_prefix"], len(batching.pack(ours["samples"], ours["batch_tokens"], ours["shared_prefix"]))
+        executed = flops - (1 - groups / len(rows)) * (benchlib.model_flops(cfg_json, shared, None) if shared else 0)
         ok = {b: r for b, r in theirs["by_batch"].items() if r}
         best_b = max(ok, key=lambda b: ok[b]["rows_per_s"])
         best = ok[best_b]["rows_per_s"]
@@ -225,10 +249,11 @@ def main():
              "transformers": theirs["by_batch"], "transformers_best_batch": int(best_b),
              "speedup_vs_best": ours["rows_per_s"] / best,
              "mfu": ours["rows_per_s"] * flops / (record["matmul_tflops"] * 1e12),
+             "mfu_executed": ours["rows_per_s"] * executed / (record["matmul_tflops"] * 1e12),
              "transformers_mfu": best * flops / (record["matmul_tflops"] * 1e12),
              "parity": parity(base, ours["values"], theirs["values"])}
-        record["workloads"][name] = w
-        print(f"{name}: po-batch {ours['rows_per_s']:.1f} rows/s vs transformers best {best:.1f} (b={best_b}) -> "
+        record["workloads"][key] = w
+        print(f"{key}: po-batch {ours['rows_per_s']:.1f} rows/s vs transformers best {best:.1f} (b={best_b}) -> "
               f"{w['speedup_vs_best']:.2f}x, peak {ours['peak_gib']:.2f} GiB, parity {w['parity']}", flush=True)
         benchlib.write_json(Path(args.out), record)  # after each workload: a time-out keeps what was measured
     print(f"\n{'workload':<20}{'po-batch/s':>12}{'hf best/s':>12}{'ratio':>8}{'MFU':>8}{'peak GiB':>10}"

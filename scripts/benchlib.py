@@ -34,6 +34,10 @@ GEMMA2_9B = {"architectures": ["Gemma2ForCausalLM"], "model_type": "gemma2", "vo
              "sliding_window": 4096, "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0,
              "attention_bias": False}
 TEXT_MODELS = {"qwen3_0_6b": QWEN3_06B, "gemma_2b": GEMMA_2B, "gemma2_9b": GEMMA2_9B}
+# Qwen3-Reranker-0.6B: Qwen3-0.6B's shapes, its tokenizer trained on the recipe's fixed text as well (twice), so that
+# the judge prompt and instruction, which every pair begins with, take 38 + 21 tokens as they take 39 + 22 with
+# Qwen's own BPE (counted with its ranks, dashscope's qwen.tiktoken), rather than 92 + 55 where they are unseen text
+RERANKERS = {"qwen3_reranker_0_6b": "qwen3_0_6b"}
 
 # llava-v1.6-mistral-7b (llava-hf/llava-v1.6-mistral-7b-hf): its config.json and preprocessor config, written from the
 # published key list (no copy was at hand offline)
@@ -58,6 +62,12 @@ def make_checkpoint(name: str, out: Path, device: str = "cuda", tiny: bool = Fal
 
     if (out / "config.json").is_file():
         return out
+    corpus = []
+    if name in RERANKERS:
+        from po_batch.tasks.recipes import QWEN3_INSTRUCTION, QWEN3_PREFIX
+
+        name = RERANKERS[name]
+        corpus = [QWEN3_PREFIX + "{}", f"<Instruct>: {QWEN3_INSTRUCTION}\n<Query>: {{}}", "<Document>: {}"] * 2
     if tiny:
         family = {"qwen3_vl_2b": "qwen3_vl", "qwen2_vl_2b": "qwen2_vl", "qwen2_5_vl_3b": "qwen2_5_vl",
                   "qwen3_0_6b": "qwen3", "gemma_2b": "gemma", "gemma2_9b": "gemma2", "llava_next_7b": "llava_next"}[name]
@@ -68,7 +78,7 @@ def make_checkpoint(name: str, out: Path, device: str = "cuda", tiny: bool = Fal
     elif llava:
         tok = tiny_models.build_tokenizer(0, tiny_models.LLAVA_ROLES, tiny_models.LLAVA_SPECIAL_TOKENS)
     else:
-        tok = tiny_models.build_tokenizer()
+        tok = tiny_models.build_tokenizer(corpus=corpus)
     pre = None
     if llava:
         d = LLAVA_NEXT_7B | {"image_token_index": tok.convert_tokens_to_ids("<image>")}

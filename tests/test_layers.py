@@ -117,6 +117,44 @@ def test_the_triton_causal_kernel_matches_eager_math_whole_and_from_last_positio
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="a Triton kernel: CUDA only")
+@pytest.mark.parametrize("shared", [8, 64, 130])
+def test_the_triton_kernel_reads_a_batch_s_shared_prefix_in_place_as_the_gathered_keys_say(shared):
+    """A batch whose samples begin with the same rows (engine/batch.py): the kernel reads the prefix's keys where
+    they are (Varlen.ranges) and gets what the gathered keys give, whole sequences and the last layer's rows."""
+    import dataclasses
+
+    from po_batch.engine.batch import make_batch
+    from po_batch.layers import attention
+    from po_batch.sample import Sample
+
+    torch.manual_seed(7)
+    common = list(range(1000, 1000 + shared))
+    samples = []
+    for n in [1, 17, 64, 65, 200, 5]:
+        ids = np.array(common + list(range(n + 1)), dtype=np.int32)
+        samples.append(Sample(input_ids=ids, positions=np.arange(len(ids), dtype=np.int32)[None],
+                              segments=np.array([[len(ids), -1, 1]], dtype=np.int32),
+                              targets=np.array([-1], dtype=np.int32)))
+    batch = make_batch(samples, None, torch.device("cuda"))
+    ctx = batch.context
+    assert ctx.text.ranges is not None and ctx.text.lens_q[0] == shared
+    t = sum(ctx.text.lens_q)
+    q, k, v = (torch.randn(t, 16, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    k, v = k[:, :8], v[:, :8]  # grouped heads, strided as a projection's slice would be
+    for meta, qs in ((ctx.text, q), (ctx.reads, q[batch.reads])):
+        attention.PREFIX_IN_PLACE = True
+        try:
+            got = varlen_attention(qs, k, v, meta, True)
+        finally:
+            attention.PREFIX_IN_PLACE = False
+        gathered = varlen_attention(qs, k, v, dataclasses.replace(meta, ranges=None), True)
+        want = varlen_attention(qs.float().cpu(), k.float().cpu(), v.float().cpu(),
+                                dataclasses.replace(meta, ranges=None, key_rows=meta.key_rows.cpu()), True)
+        assert (got.float() - gathered.float()).abs().max() < 3e-2
+        assert (got.float().cpu() - want).abs().max() < 3e-2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="a Triton kernel: CUDA only")
 @pytest.mark.parametrize("dim", [64, 80, 128])
 @pytest.mark.parametrize("lens", [[196, 196, 196], [1, 17, 64, 65, 300, 784, 129]])
 def test_the_triton_kernel_s_full_attention_matches_eager_math_and_torch_s_kernels(dim, lens):
@@ -160,16 +198,25 @@ for kv_heads, dim, causal in [(2, 16, True), (8, 16, True), (4, 32, True), (8, 1
     cu = torch.tensor(np.concatenate([[0], np.cumsum(lens)]), dtype=torch.int32)
     last = torch.tensor(np.cumsum(lens) - 1)
     head, tail = triton_attention.split_head(dim)
-    cases = [(q, cu, max(lens), want)]
+    ones = torch.arange(len(lens) + 1, dtype=torch.int32)
+    cases = [(q, k, v, cu, max(lens), want, None)]
     if causal:  # the last layer's queries: each sequence's last position against all its keys
-        cases.append((q[last].contiguous(), torch.arange(len(lens) + 1, dtype=torch.int32), 1, want[last]))
-    for qs, cu_q, max_q, ref in cases:
+        cases.append((q[last].contiguous(), k, v, ones, 1, want[last], None))
+        # a prefix of 21 rows before the sequences that each sees first, its keys read in place (RANGES)
+        pq, pk, pv = torch.randn(21, 8, dim), torch.randn(21, kv_heads, dim), torch.randn(21, kv_heads, dim)
+        bounds = list(zip(cu[:-1].tolist(), cu[1:].tolist()))
+        ref = torch.cat([reference(torch.cat([pq, q[a:b]]), torch.cat([pk, k[a:b]]), torch.cat([pv, v[a:b]]),
+                                   [21 + b - a], True)[21:] for a, b in bounds])
+        ranges = torch.tensor([[21 + a, 21 + b, 0, 21] for a, b in bounds], dtype=torch.int32)
+        k2, v2 = torch.cat([pk, k]), torch.cat([pv, v])
+        cases += [(q, k2, v2, cu, max(lens), ref, ranges), (q[last].contiguous(), k2, v2, ones, 1, ref[last], ranges)]
+    for qs, ks, vs, cu_q, max_q, ref, ranges in cases:
         out = torch.empty_like(qs)
         grid = (triton.cdiv(max_q, 16), len(lens), 8)
         triton_attention._attention_fwd.fn[grid](
-            qs, k, v, out, cu_q, cu, dim ** -0.5, qs.stride(0), qs.stride(1), k.stride(0), k.stride(1), v.stride(0),
-            v.stride(1), out.stride(0), out.stride(1), 1, HEAD=head, TAIL=tail, GROUP=8 // kv_heads, CAUSAL=causal,
-            BLOCK_M=16, BLOCK_N=16)
+            qs, ks, vs, out, cu_q, cu, cu if ranges is None else ranges, dim ** -0.5, qs.stride(0), qs.stride(1),
+            ks.stride(0), ks.stride(1), vs.stride(0), vs.stride(1), out.stride(0), out.stride(1), 1, HEAD=head,
+            TAIL=tail, GROUP=8 // kv_heads, CAUSAL=causal, RANGES=ranges is not None, BLOCK_M=16, BLOCK_N=16)
         worst = max(worst, float((out - ref).abs().max()))
 print(worst)
 """
@@ -188,8 +235,9 @@ def interpreter_takes_loaded_loop_bounds() -> bool:
 
 def test_the_triton_attention_kernel_run_by_triton_s_interpreter_matches_eager_math():
     """The kernel's own code on the CPU, through TRITON_INTERPRET (float32, small blocks: 16 queries by 16 keys,
-    so that sequences of 1 to 40 cross them): causal over whole sequences and from last positions, full attention,
-    grouped and equal K/V heads, and a head dim split into a power of two and a tail (48 = 32 + 16)."""
+    so that sequences of 1 to 40 cross them): causal over whole sequences and from last positions, with and without
+    a shared prefix read in place (RANGES), full attention, grouped and equal K/V heads, and a head dim split into a
+    power of two and a tail (48 = 32 + 16)."""
     pytest.importorskip("triton")
     if not interpreter_takes_loaded_loop_bounds():
         pytest.skip("this Triton's interpreter cannot run a loop over a loaded bound under NumPy >= 2.4 (the "

@@ -12,6 +12,10 @@ import torch
 from po_batch.layers.context import Context, Varlen, to_device
 from po_batch.sample import Sample
 
+# The fewest leading rows in common that make_batch runs once for a whole batch (0: never). A switch so that
+# benchmarks can compare both.
+SHARE_PREFIX = 8
+
 
 @dataclass
 class Pool:
@@ -43,18 +47,47 @@ class Batch:
     context: Context
 
 
-def pack(samples: list[Sample], budget: int) -> list[list[int]]:
-    """Consecutive groups of sample indices whose token counts sum to at most `budget` (a longer sample goes alone)."""
+def pack(samples: list[Sample], budget: int, shared: int = 0) -> list[list[int]]:
+    """Consecutive groups of sample indices whose token counts sum to at most `budget` (a longer sample goes alone);
+    the `shared` prefix rows that every sample begins with count once per group (make_batch runs them once)."""
     groups, cur, used = [], [], 0
     for i, s in enumerate(samples):
-        if cur and used + s.tokens > budget:
+        if cur and used + s.tokens - shared > budget:
             groups.append(cur)
             cur, used = [], 0
         cur.append(i)
-        used += s.tokens
+        used += s.tokens - (shared if len(cur) > 1 else 0)
     if cur:
         groups.append(cur)
     return groups
+
+
+def common_rows(a: Sample, b: Sample, image_token_id: int | None) -> int:
+    """How many leading rows two samples have in common: the same tokens at the same positions, in each one's first
+    segment, before any image token (an image's tokens take its own sample's features) and short of the rows each
+    reads (at least one row stays each sample's own)."""
+    limit = min(int(s.segments[0, 0]) - max(int(s.segments[0, 2]), 1) for s in (a, b))
+    if limit <= 0:
+        return 0
+    same = (a.input_ids[:limit] == b.input_ids[:limit]) & (a.positions[:, :limit] == b.positions[:, :limit]).all(0)
+    if image_token_id is not None:
+        same &= a.input_ids[:limit] != image_token_id
+    return limit if same.all() else int(np.argmin(same))
+
+
+def worth_sharing(rows: int) -> int:
+    """`rows` in common, where that is enough to run them once for a batch (SHARE_PREFIX); else 0."""
+    return rows if SHARE_PREFIX and rows >= SHARE_PREFIX else 0
+
+
+def shared_prefix(samples: list[Sample], image_token_id: int | None) -> int:
+    """The leading rows that every sample has in common (common_rows) where make_batch runs them once for the
+    batch, each sample's first segment attending to that one copy as a question attends to its image (causal
+    attention: a prefix's rows are the same whatever follows): a reranker's judge prompt and instruction, a system
+    prompt. 0 for fewer than SHARE_PREFIX rows or one sample."""
+    if len(samples) < 2:
+        return 0
+    return worth_sharing(min(common_rows(samples[0], s, image_token_id) for s in samples[1:]))
 
 
 def put_concat(arrays: list[np.ndarray], device: torch.device) -> torch.Tensor:
@@ -66,34 +99,60 @@ def put_concat(arrays: list[np.ndarray], device: torch.device) -> torch.Tensor:
     return host.to(device, non_blocking=True)
 
 
-def attention_plan(samples: list[Sample], device) -> tuple[Varlen, Varlen, np.ndarray]:
+def attention_plan(samples: list[Sample], device, shared: int = 0) -> tuple[Varlen, Varlen, np.ndarray]:
     """(causal attention over every segment, the last layer's attention from the read rows, the read rows).
-    Without shared prefixes each segment is a plain sequence and no keys are gathered."""
-    lens = np.concatenate([s.segments[:, 0] for s in samples])
-    reads = np.concatenate([s.segments[:, 2] for s in samples])
+    Without shared prefixes each segment is a plain sequence and no keys are gathered. `shared`: the batch's first
+    rows are the prefix that every sample begins with (shared_prefix), a segment of its own, and each sample's
+    first segment holds the rest of it."""
+    segs = [(shared, -1, 0)] if shared else []  # (length, parent: its index in the batch or -1, rows read)
+    for s in samples:
+        base = len(segs)
+        for j, (n, parent, read) in enumerate(s.segments.tolist()):
+            if j == 0 and shared:
+                segs.append((n - shared, 0, read))
+            else:
+                segs.append((n, -1 if parent < 0 else base + parent, read))
+    lens, parents, reads = np.array(segs, dtype=np.int64).reshape(-1, 3).T
     ends = np.cumsum(lens)
+    starts = ends - lens
     rows = np.concatenate([np.arange(e - r, e) for e, r in zip(ends, reads)])
-    if all((s.segments[:, 1] < 0).all() for s in samples) and reads.all():
+    if (parents < 0).all() and reads.all():
         lens = lens.tolist()
         return Varlen.from_lens(lens, device), Varlen.from_lens(lens, device, reads.tolist()), rows
-    keys, first = [], 0  # each segment's key rows: its ancestors' rows, then its own
-    for s in samples:
-        chains = []
-        for n, parent, _ in s.segments:
-            chain = [] if parent < 0 else list(chains[parent])
-            chains.append(chain + [np.arange(first, first + n)])
-            first += n
-        keys += [np.concatenate(c) for c in chains]
+    chains = []  # each segment's key rows as (start, end) ranges: its ancestors', then its own
+    for i, parent in enumerate(parents.tolist()):
+        chains.append(([] if parent < 0 else chains[parent]) + [(int(starts[i]), int(ends[i]))])
+    keys = [np.concatenate([np.arange(a, b) for a, b in c]) for c in chains]
     key_lens = [len(k) for k in keys]
-    text = Varlen.from_lens(key_lens, device, lens.tolist(), _rows(keys, device))
     read = [i for i, r in enumerate(reads) if r]
+    ranges = _ranges(chains)
+    text = Varlen.from_lens(key_lens, device, lens.tolist(), _rows(keys, device), _put(ranges, device))
     last = Varlen.from_lens([key_lens[i] for i in read], device, reads[read].tolist(),
-                            _rows([keys[i] for i in read], device))
+                            _rows([keys[i] for i in read], device), _put(ranges, device, read))
     return text, last, rows
+
+
+def _ranges(chains: list[list[tuple[int, int]]]) -> np.ndarray | None:
+    """(S, 4) int32: each segment's own key rows [start, end) and its ancestors' [start, end), where every
+    segment's ancestors lie in one run of rows (a prefix and its first question, or one prefix), so that a
+    kernel reads the keys where they are instead of gathered; else None."""
+    out = np.zeros((len(chains), 4), dtype=np.int32)
+    for i, chain in enumerate(chains):
+        *up, own = chain
+        if any(a[1] != b[0] for a, b in zip(up, up[1:])):
+            return None
+        out[i] = (*own, *((up[0][0], up[-1][1]) if up else (0, 0)))
+    return out
 
 
 def _rows(keys: list[np.ndarray], device) -> torch.Tensor:
     return to_device(torch.from_numpy(np.concatenate(keys)), device)
+
+
+def _put(ranges: np.ndarray | None, device, pick: list[int] | None = None) -> torch.Tensor | None:
+    if ranges is None:
+        return None
+    return to_device(torch.from_numpy(np.ascontiguousarray(ranges if pick is None else ranges[pick])), device)
 
 
 def pool_plan(samples: list[Sample], device) -> Pool | None:
@@ -114,18 +173,22 @@ def pool_plan(samples: list[Sample], device) -> Pool | None:
 
 
 def make_batch(samples: list[Sample], image_token_id: int | None, device: torch.device,
-               attention_lens: Callable[[list[tuple[int, int, int]]], tuple[list[int], list[int] | None]] | None = None
-               ) -> Batch:
+               attention_lens: Callable[[list[tuple[int, int, int]]], tuple[list[int], list[int] | None]] | None = None,
+               shared: int | None = None) -> Batch:
     """Concatenate on the host, then one copy per tensor (from pinned memory on CUDA, without blocking).
     `attention_lens` is the family's layout of the tower's attention over the images: its sequences (an image, or
     a crop) and windows (Qwen2.5-VL); computed here, before the forward, as is the images' token layout, so that no
-    model writes the batch's metadata."""
+    model writes the batch's metadata. `shared`: the samples' common prefix (shared_prefix; None: found here), run
+    once at the batch's start."""
     def put(a: np.ndarray, dtype=None) -> torch.Tensor:
         t = torch.from_numpy(a)
         return to_device(t if dtype is None else t.to(dtype), device)
 
-    ids = np.concatenate([s.input_ids for s in samples])
-    text, last, rows = attention_plan(samples, device)
+    if shared is None:
+        shared = shared_prefix(samples, image_token_id)
+    head = [samples[0].input_ids[:shared]] if shared else []
+    ids = np.concatenate(head + [s.input_ids[shared:] for s in samples])
+    text, last, rows = attention_plan(samples, device, shared)
     ctx = Context(text=text, reads=last)
     images = [s for s in samples if s.patches is not None]
     visual = features = newlines = patches = grids = None
@@ -146,7 +209,8 @@ def make_batch(samples: list[Sample], image_token_id: int | None, device: torch.
             keep = layout >= 0
             visual, features, newlines = put(slots[keep]), put(layout[keep].astype(np.int64)), put(slots[~keep])
     return Batch(input_ids=put(ids, torch.long),
-                 positions=put(np.concatenate([s.positions for s in samples], 1), torch.long),
+                 positions=put(np.concatenate([samples[0].positions[:, :shared]] * bool(shared)
+                                              + [s.positions[:, shared:] for s in samples], 1), torch.long),
                  reads=put(rows), targets=put(np.concatenate([s.targets for s in samples]), torch.long),
                  pool=pool_plan(samples, device), visual=visual, features=features, newlines=newlines,
                  patches=patches, grids=grids, context=ctx)

@@ -3,7 +3,7 @@
 import numpy as np
 import torch
 
-from po_batch.engine.batch import make_batch, pack
+from po_batch.engine.batch import make_batch, pack, shared_prefix
 from po_batch.engine.heads import Hidden, ModelHead, Readout
 from po_batch.layers.attention import backend
 from po_batch.layers.compile import FUSED
@@ -48,17 +48,21 @@ class Engine:
         FUSED.enable(self.fuse)
 
     @torch.inference_mode()
-    def forward(self, samples: list[Sample]) -> torch.Tensor:
-        """One packed forward: the readout of the samples' read rows, on the device."""
-        batch = make_batch(samples, self.image_token_id, self.device, self.attention_lens)
+    def forward(self, samples: list[Sample], shared: int | None = None) -> torch.Tensor:
+        """One packed forward: the readout of the samples' read rows, on the device. `shared`: their common prefix
+        (engine/batch.py shared_prefix; None: found here)."""
+        batch = make_batch(samples, self.image_token_id, self.device, self.attention_lens, shared)
         set_context(batch.context)
         hidden = self.model(batch)
         return self.head(hidden if batch.pool is None else batch.pool(hidden), batch.targets)
 
     def launch(self, samples: list[Sample]) -> "Pending":
         """Queue the forwards of `samples` (packed by the token budget) on the device and return at once: the
-        host can read and pack the next rows while the device runs. `Pending.result()` waits for the readout."""
-        readout = torch.cat([self.forward([samples[i] for i in g]) for g in pack(samples, self.batch_tokens)])
+        host can read and pack the next rows while the device runs. `Pending.result()` waits for the readout.
+        The prefix that all of them begin with runs once a batch, and the budget counts it once."""
+        shared = shared_prefix(samples, self.image_token_id)
+        readout = torch.cat([self.forward([samples[i] for i in g], shared if len(g) > 1 else 0)
+                             for g in pack(samples, self.batch_tokens, shared)])
         return Pending(readout, sum(s.rows for s in samples))
 
     def score(self, samples: list[Sample]) -> np.ndarray:

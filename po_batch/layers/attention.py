@@ -56,6 +56,11 @@ TRITON_CAUSAL = True
 # Full attention (the vision towers) through the same kernel rather than cuDNN's (same-size images) or the flash
 # kernel (mixed sizes). A switch so benchmarks can compare them.
 TRITON_FULL = True
+# A batch's shared prefix (engine/batch.py) read by the Triton kernel where its keys are (Varlen.ranges) rather than
+# gathered after it for every sequence (a copy of the batch's keys a layer). Off until it is measured on a card:
+# the kernel's extra loops over the prefix may cost more than the copy (one loop each for the causal keys measured
+# faster than two, see triton_attention.py). Tested through Triton's interpreter (tests/test_layers.py).
+PREFIX_IN_PLACE = False
 
 
 def _triton_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True) -> bool:
@@ -71,12 +76,17 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: Va
     of its keys up to each query. `scale` multiplies the scores (None: 1/sqrt(D)); `softcap` c maps them to
     c*tanh(s/c) before the mask (Gemma2); `window` W lets a query see only the W keys ending at its own position
     (the sliding-window layers of a causal decoder)."""
-    if meta.key_rows is not None:
-        k, v = k[meta.key_rows], v[meta.key_rows]
     if scale == q.shape[-1] ** -0.5:
         scale = None  # the kernels' own default, which a kernel without a scale argument also serves
     kind = backend(q.device)
     plain = softcap is None and window is None
+    if (PREFIX_IN_PLACE and meta.ranges is not None and kind == "torch_varlen" and plain
+            and _triton_applies(q, k, v, causal)):
+        from po_batch.layers.triton_attention import triton_attention  # the keys read in place, not gathered
+
+        return triton_attention(q, k, v, meta.cu_q, meta.cu_k, meta.max_q, causal, scale, meta.ranges)
+    if meta.key_rows is not None:
+        k, v = k[meta.key_rows], v[meta.key_rows]
     dense = kind != "sdpa" and DENSE_WHEN_UNIFORM and not causal and meta.uniform and plain
     if dense and q.shape[-1] & (q.shape[-1] - 1):  # cuDNN's dense kernel beat the split head of the Triton kernel
         return _dense(q, k, v, meta.uniform, scale)  # by 13% at head dim 80 (attention-h200-2026-12-03.json)

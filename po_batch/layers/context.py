@@ -9,7 +9,9 @@ import torch
 class Varlen:
     """Packed sequences: queries of sequence i are rows cu_q[i]:cu_q[i+1], its keys cu_k[i]:cu_k[i+1]. With
     `key_rows`, the keys are gathered first (k[key_rows]): sequences that share a prefix each list its rows among
-    their keys, so a question's tokens attend to the image's keys without a copy of the image's tokens."""
+    their keys, so a question's tokens attend to the image's keys without a copy of the image's tokens. With
+    `ranges` as well ((B, 4) int32: sequence i's own keys are rows [ranges[i, 0], ranges[i, 1]) of the ungathered
+    keys, after its ancestors' [ranges[i, 2], ranges[i, 3])), a kernel that takes them reads the keys in place."""
     cu_q: torch.Tensor
     cu_k: torch.Tensor
     max_q: int
@@ -17,6 +19,7 @@ class Varlen:
     lens_q: list[int]
     lens_k: list[int]
     key_rows: torch.Tensor | None = None
+    ranges: torch.Tensor | None = None
 
     @property
     def uniform(self) -> int | None:
@@ -27,13 +30,13 @@ class Varlen:
 
     @classmethod
     def from_lens(cls, lens_k: list[int], device, lens_q: list[int] | None = None,
-                  key_rows: torch.Tensor | None = None) -> "Varlen":
+                  key_rows: torch.Tensor | None = None, ranges: torch.Tensor | None = None) -> "Varlen":
         """From per-sequence key lengths (and query lengths, when they differ: queries are the last ones)."""
         cu_k = _cu(lens_k, device)
         if lens_q is None:
-            return cls(cu_k, cu_k, max(lens_k, default=0), max(lens_k, default=0), lens_k, lens_k, key_rows)
+            return cls(cu_k, cu_k, max(lens_k, default=0), max(lens_k, default=0), lens_k, lens_k, key_rows, ranges)
         return cls(_cu(lens_q, device), cu_k, max(lens_q, default=0), max(lens_k, default=0), lens_q, lens_k,
-                   key_rows)
+                   key_rows, ranges)
 
 
 def _cu(lens: list[int], device) -> torch.Tensor:

@@ -59,15 +59,20 @@ def _keys(q, q_tail, acc, acc_tail, m_i, l_i, K, V, k0, n, lk, pos, kv_head, sk_
 @triton.autotune(
     configs=[triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
              for m, n, w, s in [(64, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (64, 128, 4, 2)]],
-    key=["HEAD", "TAIL", "GROUP", "CAUSAL", "MAX_Q_BUCKET"])
+    key=["HEAD", "TAIL", "GROUP", "CAUSAL", "RANGES", "MAX_Q_BUCKET"])
 @triton.jit
-def _attention_fwd(Q, K, V, O, cu_q, cu_k, scale,
+def _attention_fwd(Q, K, V, O, cu_q, cu_k, ranges, scale,
                    sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, so_t, so_h,
                    MAX_Q_BUCKET, HEAD: tl.constexpr, TAIL: tl.constexpr, GROUP: tl.constexpr,
-                   CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                   CAUSAL: tl.constexpr, RANGES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """RANGES: a sequence's own keys are rows ranges[seq, 0:2] of K and V, after its ancestors' ranges[seq, 2:4]
+    (a shared prefix, seen whole by every query); else its keys are rows cu_k[seq]:cu_k[seq + 1]."""
     block, seq, head = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     q0, q1 = tl.load(cu_q + seq), tl.load(cu_q + seq + 1)
-    k0, k1 = tl.load(cu_k + seq), tl.load(cu_k + seq + 1)
+    if RANGES:
+        k0, k1 = tl.load(ranges + seq * 4), tl.load(ranges + seq * 4 + 1)
+    else:
+        k0, k1 = tl.load(cu_k + seq), tl.load(cu_k + seq + 1)
     lq, lk = q1 - q0, k1 - k0
     start = block * BLOCK_M
     if start >= lq:
@@ -88,6 +93,15 @@ def _attention_fwd(Q, K, V, O, cu_q, cu_k, scale,
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD], tl.float32)
     qk_scale = scale * 1.4426950408889634  # exp2
+    if RANGES:  # the ancestors' keys first: every query sees all of them
+        p0, p1 = tl.load(ranges + seq * 4 + 2), tl.load(ranges + seq * 4 + 3)
+        lp = p1 - p0
+        for n in range(0, lp // BLOCK_N * BLOCK_N, BLOCK_N):
+            acc, acc_tail, m_i, l_i = _keys(q, q_tail, acc, acc_tail, m_i, l_i, K, V, p0, n, lp, pos, kv_head,
+                                            sk_t, sk_h, sv_t, sv_h, qk_scale, HEAD, TAIL, False, False, BLOCK_N)
+        for n in range(lp // BLOCK_N * BLOCK_N, lp, BLOCK_N):
+            acc, acc_tail, m_i, l_i = _keys(q, q_tail, acc, acc_tail, m_i, l_i, K, V, p0, n, lp, pos, kv_head,
+                                            sk_t, sk_h, sv_t, sv_h, qk_scale, HEAD, TAIL, False, True, BLOCK_N)
     end = lk  # past the last key that a query of the block sees
     clear = lk // BLOCK_N * BLOCK_N  # full attention: the blocks before it need no mask
     if CAUSAL:  # one masked loop: the decoders' sequences are a few blocks long, and a second loop's pipeline
@@ -116,16 +130,19 @@ def split_head(d: int) -> tuple[int, int] | None:
 
 
 def triton_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor,
-                     max_q: int, causal: bool, scale: float | None = None) -> torch.Tensor:
-    """q: (Tq, Hq, D), k/v: (Tk, Hkv, D) with unit stride in D -> (Tq, Hq, D); cu_q/cu_k: int32 (B+1,) offsets."""
+                     max_q: int, causal: bool, scale: float | None = None,
+                     ranges: torch.Tensor | None = None) -> torch.Tensor:
+    """q: (Tq, Hq, D), k/v: (Tk, Hkv, D) with unit stride in D -> (Tq, Hq, D); cu_q/cu_k: int32 (B+1,) offsets;
+    `ranges`: int32 (B, 4), each sequence's own key rows and its ancestors' (Varlen.ranges), in place of cu_k."""
     hq, d = q.shape[1], q.shape[2]
     head, tail = split_head(d)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     batch = len(cu_q) - 1
     bucket = 1 << max(0, int(max_q) - 1).bit_length()  # autotune per power of two of the longest query run
     grid = lambda meta: (triton.cdiv(max_q, meta["BLOCK_M"]), batch, hq)  # noqa: E731
-    _attention_fwd[grid](q, k, v, out, cu_q, cu_k, scale if scale is not None else d ** -0.5,
+    _attention_fwd[grid](q, k, v, out, cu_q, cu_k, cu_k if ranges is None else ranges,
+                         scale if scale is not None else d ** -0.5,
                          q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                          out.stride(0), out.stride(1), bucket, HEAD=head, TAIL=tail, GROUP=hq // k.shape[1],
-                         CAUSAL=causal)
+                         CAUSAL=causal, RANGES=ranges is not None)
     return out
