@@ -212,12 +212,12 @@ class Runner:
                     common = min(common, lead) if len(pending) > 1 else common
                     cost = tokens + result.tokens - len(pending) * worth_sharing(common)
                 if pending and (pending[-1][0] is not st or cost > self.cfg.run.batch_tokens):
-                    self.score(pending, progress)
+                    self.score(pending, progress, worth_sharing(lead) if len(pending) > 1 else 0)
                     pending, tokens = [], 0
                 lead = common if pending else 0
                 pending.append((st, i, n, result))
                 tokens += result.tokens
-            self.score(pending, progress)
+            self.score(pending, progress, worth_sharing(lead) if len(pending) > 1 else 0)
             self.settle(progress, keep=0)
             self.check_commits(wait=True)
         finally:
@@ -243,12 +243,13 @@ class Runner:
                 keep.append(f)
         self.commits = keep
 
-    def score(self, pending, progress: Progress) -> None:
+    def score(self, pending, progress: Progress, shared: int = 0) -> None:
         """Queue `pending` on the device, then collect the oldest batches beyond QUEUE_DEPTH: the device always
-        has work queued while the host reads results and prepares more."""
+        has work queued while the host reads results and prepares more. `shared`: the rows all of them begin with
+        (engine/batch.py shared_prefix)."""
         if pending:
             t = time.perf_counter()
-            self.inflight.append((self.engine.launch([s for _, _, _, s in pending]), pending))
+            self.inflight.append((self.engine.launch([s for _, _, _, s in pending], shared), pending))
             self.stats.launch_s += time.perf_counter() - t
         self.settle(progress, keep=QUEUE_DEPTH)
 

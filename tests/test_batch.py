@@ -115,11 +115,11 @@ def test_a_run_counts_the_shared_rows_once_in_its_token_budget(tmp_path, monkeyp
     launches = []
     launch = Engine.launch
 
-    def spy(self, samples):
-        shared = shared_prefix(samples, self.image_token_id)
+    def spy(self, samples, shared=None):
+        assert shared == shared_prefix(samples, self.image_token_id)  # the run found what the engine would
         launches.append((sum(s.tokens for s in samples), len(samples), shared,
                          len(pack(samples, self.batch_tokens, shared))))
-        return launch(self, samples)
+        return launch(self, samples, shared)
 
     monkeypatch.setattr(Engine, "launch", spy)
 

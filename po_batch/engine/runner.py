@@ -56,11 +56,13 @@ class Engine:
         hidden = self.model(batch)
         return self.head(hidden if batch.pool is None else batch.pool(hidden), batch.targets)
 
-    def launch(self, samples: list[Sample]) -> "Pending":
+    def launch(self, samples: list[Sample], shared: int | None = None) -> "Pending":
         """Queue the forwards of `samples` (packed by the token budget) on the device and return at once: the
         host can read and pack the next rows while the device runs. `Pending.result()` waits for the readout.
-        The prefix that all of them begin with runs once a batch, and the budget counts it once."""
-        shared = shared_prefix(samples, self.image_token_id)
+        The prefix that all of them begin with runs once a batch, and the budget counts it once; `shared`: its
+        length where the caller has found it (engine/batch.py shared_prefix; None: found here)."""
+        if shared is None:
+            shared = shared_prefix(samples, self.image_token_id)
         readout = torch.cat([self.forward([samples[i] for i in g], shared if len(g) > 1 else 0)
                              for g in pack(samples, self.batch_tokens, shared)])
         return Pending(readout, sum(s.rows for s in samples))
