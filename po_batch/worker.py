@@ -207,17 +207,19 @@ class Runner:
                 # one), and at each unit's end: a batch of one unit's rows makes the unit's scores independent
                 # of its neighbours, so a resumed or shared run reproduces an uninterrupted one bit for bit.
                 # The rows that all of a batch's samples begin with run once (engine/batch.py), and count once.
-                if pending and pending[-1][0] is st:
+                # `lead`: the rows all of `pending` begin with (0 while it holds one sample).
+                same_unit = bool(pending) and pending[-1][0] is st
+                if same_unit:
                     common = common_rows(pending[0][3], result, self.engine.image_token_id)
                     common = min(common, lead) if len(pending) > 1 else common
-                    cost = tokens + result.tokens - len(pending) * worth_sharing(common)
-                if pending and (pending[-1][0] is not st or cost > self.cfg.run.batch_tokens):
-                    self.score(pending, progress, worth_sharing(lead) if len(pending) > 1 else 0)
+                if pending and (not same_unit or tokens + result.tokens - len(pending) * worth_sharing(common)
+                                > self.cfg.run.batch_tokens):
+                    self.score(pending, progress, worth_sharing(lead))
                     pending, tokens = [], 0
                 lead = common if pending else 0
                 pending.append((st, i, n, result))
                 tokens += result.tokens
-            self.score(pending, progress, worth_sharing(lead) if len(pending) > 1 else 0)
+            self.score(pending, progress, worth_sharing(lead))
             self.settle(progress, keep=0)
             self.check_commits(wait=True)
         finally:

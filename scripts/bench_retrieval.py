@@ -239,7 +239,8 @@ def main():
         cfg_json = json.loads((ckpt / "config.json").read_text())
         flops = float(np.mean([benchlib.model_flops(cfg_json, s.tokens - (s.grid[1] * s.grid[2] // 4 if s.grid else 0),
                                                     s.grid) for s in ours["samples"]]))
-        shared, groups = ours["shared_prefix"], len(batching.pack(ours["samples"], ours["batch_tokens"], ours["shared_prefix"]))
+        shared = ours["shared_prefix"]
+        groups = len(batching.pack(ours["samples"], ours["batch_tokens"], shared))
         executed = flops - (1 - groups / len(rows)) * (benchlib.model_flops(cfg_json, shared, None) if shared else 0)
         ok = {b: r for b, r in theirs["by_batch"].items() if r}
         best_b = max(ok, key=lambda b: ok[b]["rows_per_s"])

@@ -9,6 +9,7 @@ import torch
 from po_batch.config import config_from_dict
 from po_batch.engine import batch as batch_mod
 from po_batch.engine.batch import make_batch, pack, shared_prefix
+from po_batch.layers import attention
 from po_batch.sample import Sample
 from po_batch.spec import open_spec
 from po_batch.tiny import build_checkpoint
@@ -16,7 +17,7 @@ from po_batch.tiny import build_checkpoint
 WORDS = "the a photo of red blue green dog cat car tree house boat person building".split()
 
 
-def sample(ids, segments=None, image_token=None) -> Sample:
+def sample(ids, segments=None) -> Sample:
     ids = np.array(ids, dtype=np.int32)
     seg = np.array(segments or [[len(ids), -1, 1]], dtype=np.int32)
     return Sample(input_ids=ids, positions=np.arange(len(ids), dtype=np.int32)[None], segments=seg,
@@ -49,7 +50,8 @@ def key_sets(meta):
     return gathered, ranged
 
 
-def test_the_key_ranges_list_the_same_keys_as_the_gather():
+def test_the_key_ranges_list_the_same_keys_as_the_gather(monkeypatch):
+    monkeypatch.setattr(attention, "PREFIX_IN_PLACE", True)  # the batch carries the ranges for the kernel
     common = list(range(100, 130))
     samples = [sample(common + list(range(n))) for n in (3, 7, 1, 12)]
     b = make_batch(samples, None, torch.device("cpu"))

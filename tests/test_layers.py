@@ -118,7 +118,7 @@ def test_the_triton_causal_kernel_matches_eager_math_whole_and_from_last_positio
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="a Triton kernel: CUDA only")
 @pytest.mark.parametrize("shared", [8, 64, 130])
-def test_the_triton_kernel_reads_a_batch_s_shared_prefix_in_place_as_the_gathered_keys_say(shared):
+def test_the_triton_kernel_reads_a_batch_s_shared_prefix_in_place_as_the_gathered_keys_say(shared, monkeypatch):
     """A batch whose samples begin with the same rows (engine/batch.py): the kernel reads the prefix's keys where
     they are (Varlen.ranges) and gets what the gathered keys give, whole sequences and the last layer's rows."""
     import dataclasses
@@ -135,6 +135,7 @@ def test_the_triton_kernel_reads_a_batch_s_shared_prefix_in_place_as_the_gathere
         samples.append(Sample(input_ids=ids, positions=np.arange(len(ids), dtype=np.int32)[None],
                               segments=np.array([[len(ids), -1, 1]], dtype=np.int32),
                               targets=np.array([-1], dtype=np.int32)))
+    monkeypatch.setattr(attention, "PREFIX_IN_PLACE", True)  # the batch carries the ranges for the kernel
     batch = make_batch(samples, None, torch.device("cuda"))
     ctx = batch.context
     assert ctx.text.ranges is not None and ctx.text.lens_q[0] == shared
@@ -142,11 +143,7 @@ def test_the_triton_kernel_reads_a_batch_s_shared_prefix_in_place_as_the_gathere
     q, k, v = (torch.randn(t, 16, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     k, v = k[:, :8], v[:, :8]  # grouped heads, strided as a projection's slice would be
     for meta, qs in ((ctx.text, q), (ctx.reads, q[batch.reads])):
-        attention.PREFIX_IN_PLACE = True
-        try:
-            got = varlen_attention(qs, k, v, meta, True)
-        finally:
-            attention.PREFIX_IN_PLACE = False
+        got = varlen_attention(qs, k, v, meta, True)
         gathered = varlen_attention(qs, k, v, dataclasses.replace(meta, ranges=None), True)
         want = varlen_attention(qs.float().cpu(), k.float().cpu(), v.float().cpu(),
                                 dataclasses.replace(meta, ranges=None, key_rows=meta.key_rows.cpu()), True)

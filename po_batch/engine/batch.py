@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from po_batch.layers import attention
 from po_batch.layers.context import Context, Varlen, to_device
 from po_batch.sample import Sample
 
@@ -125,7 +126,7 @@ def attention_plan(samples: list[Sample], device, shared: int = 0) -> tuple[Varl
     keys = [np.concatenate([np.arange(a, b) for a, b in c]) for c in chains]
     key_lens = [len(k) for k in keys]
     read = [i for i, r in enumerate(reads) if r]
-    ranges = _ranges(chains)
+    ranges = _ranges(chains) if attention.PREFIX_IN_PLACE else None  # for the kernel only: not built unread
     text = Varlen.from_lens(key_lens, device, lens.tolist(), _rows(keys, device), _put(ranges, device))
     last = Varlen.from_lens([key_lens[i] for i in read], device, reads[read].tolist(),
                             _rows([keys[i] for i in read], device), _put(ranges, device, read))

@@ -59,7 +59,8 @@ TRITON_FULL = True
 # A batch's shared prefix (engine/batch.py) read by the Triton kernel where its keys are (Varlen.ranges) rather than
 # gathered after it for every sequence (a copy of the batch's keys a layer). Off until it is measured on a card:
 # the kernel's extra loops over the prefix may cost more than the copy (one loop each for the causal keys measured
-# faster than two, see triton_attention.py). Tested through Triton's interpreter (tests/test_layers.py).
+# faster than two, see triton_attention.py). Tested through Triton's interpreter (tests/test_layers.py). Read where
+# the batch is built (engine/batch.py): with it off, no batch carries the ranges.
 PREFIX_IN_PLACE = False
 
 
@@ -80,8 +81,7 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: Va
         scale = None  # the kernels' own default, which a kernel without a scale argument also serves
     kind = backend(q.device)
     plain = softcap is None and window is None
-    if (PREFIX_IN_PLACE and meta.ranges is not None and kind == "torch_varlen" and plain
-            and _triton_applies(q, k, v, causal)):
+    if meta.ranges is not None and kind == "torch_varlen" and plain and _triton_applies(q, k, v, causal):
         from po_batch.layers.triton_attention import triton_attention  # the keys read in place, not gathered
 
         return triton_attention(q, k, v, meta.cu_q, meta.cu_k, meta.max_q, causal, scale, meta.ranges)
