@@ -209,6 +209,7 @@ class Runner:
                 # The rows that all of a batch's samples begin with run once (engine/batch.py), and count once.
                 # `lead`: the rows all of `pending` begin with (0 while it holds one sample).
                 same_unit = bool(pending) and pending[-1][0] is st
+                common = 0  # the rows that all of `pending` and this sample begin with
                 if same_unit:
                     common = common_rows(pending[0][3], result, self.engine.image_token_id)
                     common = min(common, lead) if len(pending) > 1 else common

@@ -187,8 +187,7 @@ def make_batch(samples: list[Sample], image_token_id: int | None, device: torch.
 
     if shared is None:
         shared = shared_prefix(samples, image_token_id)
-    head = [samples[0].input_ids[:shared]] if shared else []
-    ids = np.concatenate(head + [s.input_ids[shared:] for s in samples])
+    ids = np.concatenate([samples[0].input_ids[:shared]] + [s.input_ids[shared:] for s in samples])
     text, last, rows = attention_plan(samples, device, shared)
     ctx = Context(text=text, reads=last)
     images = [s for s in samples if s.patches is not None]
@@ -210,7 +209,7 @@ def make_batch(samples: list[Sample], image_token_id: int | None, device: torch.
             keep = layout >= 0
             visual, features, newlines = put(slots[keep]), put(layout[keep].astype(np.int64)), put(slots[~keep])
     return Batch(input_ids=put(ids, torch.long),
-                 positions=put(np.concatenate([samples[0].positions[:, :shared]] * bool(shared)
+                 positions=put(np.concatenate([samples[0].positions[:, :shared]]
                                               + [s.positions[:, shared:] for s in samples], 1), torch.long),
                  reads=put(rows), targets=put(np.concatenate([s.targets for s in samples]), torch.long),
                  pool=pool_plan(samples, device), visual=visual, features=features, newlines=newlines,
